@@ -1,0 +1,220 @@
+"""Structured-config schemas (registered in Hydra's ConfigStore) and validation that runs
+before anything is allocated. No torch import here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"  # gpt | bert
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # grouped-query attention; None = n_heads
+    d_model: int = 256
+    d_ff: Optional[int] = None  # None = 4 * d_model
+    max_seq_len: int = 1024  # size of the learned position table (RoPE: max positions)
+    vocab_size: Optional[int] = None  # None = from the tokenizer
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # gelu_tanh | gelu | swiglu
+    pos_emb: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    type_vocab_size: int = 2  # BERT token-type embeddings; 0 drops them
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # embedded | files | hub
+    paths: list[str] = field(default_factory=list)  # files or globs for source=files
+    format: str = "auto"  # auto | text | json | parquet
+    text_field: str = "text"
+    hub_name: Optional[str] = None  # datasets hub name for source=hub
+    hub_config: Optional[str] = None
+    hub_split: str = "train"
+    seq_len: int = 256
+    val_percent: float = 2.0  # documents held out for validation, chosen by content hash
+    mlm_probability: float = 0.15
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # an existing tokenizer.json; None = train one on the corpus
+    kind: str = "auto"  # auto (bpe for gpt, wordpiece for bert) | bpe | wordpiece
+    vocab_size: int = 8192
+    train_max_chars: int = 50_000_000  # bound on the text the tokenizer is trained on
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    activation_checkpointing: bool = False
+    ds_extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    initial_scale_power: int = 16  # fp16 dynamic loss scaling starts at 2**this
+    loss_scale_window: int = 1000
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "online"  # online (offline when no API key) | offline | disabled
+    project: str = "lmforge"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    init_timeout_s: float = 20.0
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True  # progress bar on rank 0
+    jsonl: bool = True
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = GPU table or CPU measurement
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2  # checkpoints kept; 0 keeps all
+    log_every: int = 10
+    seed: int = 1337
+    sample_tokens: int = 64  # GPT text sample printed at the end; 0 disables
+    sample_prompt: str = "def "
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    """Put the schemas where conf/*.yaml `defaults` can name them."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, node in [("model", ModelConfig), ("data", DataConfig),
+                        ("tokenizer", TokenizerConfig), ("optim", OptimConfig),
+                        ("parallel", ParallelConfig), ("precision", PrecisionConfig),
+                        ("logging", LoggingConfig)]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+CHOICES = {
+    "model.arch": ("gpt", "bert"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.activation": ("gelu_tanh", "gelu", "swiglu"),
+    "model.pos_emb": ("learned", "rope"),
+    "data.source": ("embedded", "files", "hub"),
+    "data.format": ("auto", "text", "json", "parquet"),
+    "tokenizer.kind": ("auto", "bpe", "wordpiece"),
+    "parallel.zero_stage": (0, 1, 2, 3),
+    "precision.dtype": ("fp32", "bf16", "fp16"),
+    "logging.wandb.mode": ("online", "offline", "disabled"),
+}
+
+POSITIVE = ["model.n_layers", "model.n_heads", "model.d_model", "model.max_seq_len",
+            "data.seq_len", "tokenizer.vocab_size", "trainer.micro_batch_size",
+            "trainer.grad_accum_steps", "trainer.log_every", "trainer.eval_batches",
+            "optim.lr"]
+NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",
+                "trainer.sample_tokens", "trainer.keep_last", "optim.warmup_steps", "optim.weight_decay",
+                "optim.grad_clip", "model.dropout", "model.type_vocab_size"]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError (one line: key, bad value, how to fix) on any inconsistent value."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        _check(value in allowed, f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+    for key in POSITIVE:
+        _check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be > 0")
+    for key in NON_NEGATIVE:
+        _check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
+    m, d = cfg.model, cfg.data
+    _check(m.d_model % m.n_heads == 0,
+           f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    kv = m.n_kv_heads or m.n_heads
+    _check(m.n_heads % kv == 0,
+           f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}")
+    if m.pos_emb == "rope":
+        _check((m.d_model // m.n_heads) % 2 == 0, "model.pos_emb=rope needs an even head dim "
+               f"(d_model/n_heads = {m.d_model // m.n_heads})")
+    _check(d.seq_len <= m.max_seq_len,
+           f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+           "lower data.seq_len or raise model.max_seq_len")
+    if m.arch == "bert":
+        _check(m.pos_emb == "learned", "model.arch=bert supports only model.pos_emb=learned")
+        _check(d.seq_len >= 3, "data.seq_len must be >= 3 for BERT ([CLS] x [SEP])")
+    _check(0.0 <= d.val_percent < 100.0, f"data.val_percent={d.val_percent} must be in [0, 100)")
+    _check(0.0 < d.mlm_probability < 1.0,
+           f"data.mlm_probability={d.mlm_probability} must be in (0, 1)")
+    if d.source == "files":
+        _check(len(d.paths) > 0, "data.source=files needs data.paths=[file_or_glob,...]")
+    if d.source == "hub":
+        _check(bool(d.hub_name), "data.source=hub needs data.hub_name=<dataset on the hub>")
+    if cfg.tokenizer.kind != "auto":
+        want = "bpe" if m.arch == "gpt" else "wordpiece"
+        _check(cfg.tokenizer.kind == want or cfg.tokenizer.path is not None,
+               f"tokenizer.kind={cfg.tokenizer.kind} does not fit model.arch={m.arch}; use {want}")
+    _check(0.0 <= cfg.optim.min_lr_ratio <= 1.0,
+           f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
+    p = cfg.parallel
+    _check(not p.offload_params or p.zero_stage == 3,
+           "parallel.offload_params needs parallel.zero_stage=3")
+    _check(not p.offload_optimizer or p.zero_stage >= 1,
+           "parallel.offload_optimizer needs parallel.zero_stage >= 1")
+    if m.vocab_size is not None:
+        _check(m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be > 0")

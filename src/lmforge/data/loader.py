@@ -1,0 +1,101 @@
+"""Sharded, resumable batches: documents of a split -> this rank's share -> tokens ->
+packed blocks -> micro-batches. Takes rank and world size as ints, never a process group."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import datasets
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from lmforge.config import DataConfig
+from lmforge.data.packing import Packer, bert_batch, gpt_batch
+from lmforge.data.sources import iter_documents
+from lmforge.data.tokenizer import kind_for, special_ids
+
+_ENCODE_CHUNK = 32  # documents per encode_batch call
+
+
+class BlockLoader:
+    """Infinite (train) or single-pass (validation) iterator of micro-batch dicts.
+
+    Document i of an epoch's order belongs to rank i % world. The epoch order is a seeded
+    permutation of the stream's shards, so `state_dict()` (epoch, next document, packer
+    carry, masking RNG) is enough to continue exactly where a run stopped.
+    """
+
+    def __init__(self, stream: datasets.IterableDataset, tok: Tokenizer, arch: str,
+                 cfg: DataConfig, micro_batch_size: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, split: str = "train") -> None:
+        self.stream, self.tok, self.arch, self.cfg = stream, tok, arch, cfg
+        self.micro_batch_size, self.rank, self.world = micro_batch_size, rank, world
+        self.seed, self.split = seed, split
+        self.train = split == "train"
+        self.specials = special_ids(tok, kind_for(arch))
+        self.vocab_size = tok.get_vocab_size()
+        self.epoch, self.next_doc = 0, 0
+        if arch == "gpt":
+            self.packer = Packer(cfg.seq_len + 1, self.specials["eos"])
+        else:
+            self.packer = Packer(cfg.seq_len, self.specials["sep"], self.specials["cls"],
+                                 self.specials["sep"])
+        self.mask_gen = torch.Generator().manual_seed(seed * 1009 + rank)
+        self._blocks: Iterator[np.ndarray] | None = None
+
+    def _epoch_stream(self) -> datasets.IterableDataset:
+        if not self.train:
+            return self.stream
+        # buffer_size=1: only the shard (file) order is permuted, which state_dict can replay.
+        ds = self.stream.shuffle(seed=self.seed, buffer_size=1)
+        ds.set_epoch(self.epoch)
+        return ds
+
+    def _mine(self) -> Iterator[tuple[int, str]]:
+        for i, text in iter_documents(self._epoch_stream(), self.split, self.cfg.val_percent,
+                                      start=self.next_doc):
+            if i % self.world == self.rank:
+                yield i, text
+
+    def _gen_blocks(self) -> Iterator[np.ndarray]:
+        while True:
+            docs = self._mine()
+            while chunk := [d for _, d in zip(range(_ENCODE_CHUNK), docs)]:
+                for (i, _), enc in zip(chunk, self.tok.encode_batch([t for _, t in chunk],
+                                                                    add_special_tokens=False)):
+                    self.next_doc = i + 1
+                    yield from self.packer.add(enc.ids)
+            if not self.train:
+                return
+            self.epoch, self.next_doc = self.epoch + 1, 0
+
+    def __iter__(self) -> "BlockLoader":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._blocks is None:
+            self._blocks = self._gen_blocks()
+        blocks = [b for _, b in zip(range(self.micro_batch_size), self._blocks)]
+        if len(blocks) < self.micro_batch_size:
+            raise StopIteration
+        if self.arch == "gpt":
+            return gpt_batch(blocks)
+        s = self.specials
+        return bert_batch(blocks, self.mask_gen, s["mask"], self.vocab_size,
+                          [s["cls"], s["sep"], s["pad"]], self.cfg.mlm_probability)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last batch returned; valid between batches."""
+        return {"epoch": self.epoch, "next_doc": self.next_doc, "rank": self.rank,
+                "world": self.world, "carry": list(self.packer.carry),
+                "mask_rng": self.mask_gen.get_state().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; it must come from the same rank layout."""
+        if (state["rank"], state["world"]) != (self.rank, self.world):
+            raise ValueError(f"loader state is for rank {state['rank']} of {state['world']}, "
+                             f"not rank {self.rank} of {self.world}")
+        self.epoch, self.next_doc = state["epoch"], state["next_doc"]
+        self.packer.carry = list(state["carry"])
+        self.mask_gen.set_state(torch.tensor(state["mask_rng"], dtype=torch.uint8))
+        self._blocks = None

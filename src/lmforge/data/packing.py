@@ -1,0 +1,76 @@
+"""Documents -> fixed-length blocks (GPT: seq_len+1 tokens across documents with EOS
+separators; BERT: [CLS] ... [SEP] blocks) and dynamic MLM masking."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+
+class Packer:
+    """Concatenates documents (each followed by `sep_id`) and cuts blocks of `block_len`.
+
+    Its `carry` (tokens not yet emitted) is part of the loader state, so a resume is exact.
+    """
+
+    def __init__(self, block_len: int, sep_id: int, prefix_id: int | None = None,
+                 suffix_id: int | None = None) -> None:
+        # BERT blocks are framed as [CLS] body [SEP]; GPT blocks have no frame.
+        self.prefix = [] if prefix_id is None else [prefix_id]
+        self.suffix = [] if suffix_id is None else [suffix_id]
+        self.body_len = block_len - len(self.prefix) - len(self.suffix)
+        self.sep_id = sep_id
+        self.carry: list[int] = []
+
+    def add(self, ids: list[int]) -> Iterator[np.ndarray]:
+        """Append one document and yield every block it completes."""
+        self.carry.extend(ids)
+        self.carry.append(self.sep_id)
+        n = self.body_len
+        while len(self.carry) >= n:
+            body, self.carry = self.carry[:n], self.carry[n:]
+            yield np.asarray(self.prefix + body + self.suffix, dtype=np.int64)
+
+
+def pack_documents(docs: Iterable[list[int]], block_len: int, sep_id: int) -> Iterator[np.ndarray]:
+    """All full blocks of `block_len` tokens made from `docs` (the tail is dropped)."""
+    packer = Packer(block_len, sep_id)
+    for ids in docs:
+        yield from packer.add(ids)
+
+
+def gpt_batch(blocks: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Blocks of seq_len+1 tokens -> next-token inputs and labels (B, T)."""
+    x = torch.from_numpy(np.stack(blocks))
+    return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
+
+
+def mask_tokens(input_ids: torch.Tensor, generator: torch.Generator, mask_id: int,
+                vocab_size: int, special_ids: list[int], probability: float = 0.15
+                ) -> dict[str, torch.Tensor]:
+    """BERT masking: pick `probability` of non-special tokens; of those 80% -> [MASK],
+    10% -> a random token, 10% kept. Unpicked positions get label -100."""
+    labels = input_ids.clone()
+    probs = torch.full(input_ids.shape, probability)
+    probs[torch.isin(input_ids, torch.tensor(special_ids))] = 0.0
+    picked = torch.bernoulli(probs, generator=generator).bool()
+    labels[~picked] = -100
+    ids = input_ids.clone()
+    to_mask = torch.bernoulli(torch.full(ids.shape, 0.8), generator=generator).bool() & picked
+    ids[to_mask] = mask_id
+    # Half of the remaining 20% become random tokens.
+    to_random = (torch.bernoulli(torch.full(ids.shape, 0.5), generator=generator).bool()
+                 & picked & ~to_mask)
+    ids[to_random] = torch.randint(vocab_size, ids.shape, generator=generator)[to_random]
+    return {"input_ids": ids, "labels": labels}
+
+
+def bert_batch(blocks: list[np.ndarray], generator: torch.Generator, mask_id: int,
+               vocab_size: int, special_ids: list[int], probability: float
+               ) -> dict[str, torch.Tensor]:
+    """Framed blocks -> masked inputs, labels and zero token types (B, T)."""
+    x = torch.from_numpy(np.stack(blocks))
+    batch = mask_tokens(x, generator, mask_id, vocab_size, special_ids, probability)
+    batch["token_type_ids"] = torch.zeros_like(x)
+    return batch

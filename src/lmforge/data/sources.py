@@ -1,0 +1,107 @@
+"""Document sources: the embedded stdlib corpus, local text/JSONL/Parquet files and hub
+datasets, streamed through `datasets`, split into train/validation by content hash."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import datasets
+
+from lmforge.config import ConfigError, DataConfig
+
+datasets.disable_progress_bars()
+
+# Test suites, codec tables and vendored packages are low-value or machine-specific text.
+_SKIP_DIRS = {"test", "tests", "idle_test", "encodings", "site-packages", "dist-packages",
+              "__pycache__", "__phello__", "turtledemo", "ensurepip"}
+_FORMATS = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
+            ".parquet": "parquet"}
+
+
+def embedded_corpus_files() -> list[Path]:
+    """The Python standard library's .py sources, in a deterministic (sorted) order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def fingerprint(files: list[Path]) -> dict:
+    """File count, bytes and a hash of names and sizes, recorded with each run."""
+    h = hashlib.sha256()
+    total = 0
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        h.update(f"{f.name}:{size}\n".encode())
+    return {"files": len(files), "bytes": total, "sha256": h.hexdigest()[:16]}
+
+
+def resolve_files(paths: list[str]) -> list[Path]:
+    """Expand files and globs; every entry must match at least one file."""
+    out: list[Path] = []
+    for p in paths:
+        matches = sorted(glob.glob(os.path.expanduser(p), recursive=True))
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise ConfigError(f"data.paths entry {p!r} matches no file; check the path or glob")
+        out += [Path(m) for m in matches]
+    return out
+
+
+def _format_of(files: list[Path], fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    kinds = {_FORMATS.get(f.suffix.lower(), "text") for f in files}
+    if len(kinds) > 1:
+        raise ConfigError(f"data.paths mixes formats {sorted(kinds)}; set data.format or split them")
+    return kinds.pop()
+
+
+def load_stream(cfg: DataConfig) -> tuple[datasets.IterableDataset, dict]:
+    """A streaming dataset with a `text` column, and a description of where it came from."""
+    if cfg.source == "hub":
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split,
+                                   streaming=True)
+        info = {"source": "hub", "name": cfg.hub_name, "config": cfg.hub_config}
+    else:
+        files = embedded_corpus_files() if cfg.source == "embedded" else resolve_files(cfg.paths)
+        fmt = "text" if cfg.source == "embedded" else _format_of(files, cfg.format)
+        kw = {"sample_by": "document"} if fmt == "text" else {}
+        if fmt == "parquet":
+            kw["columns"] = [cfg.text_field]
+        ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train",
+                                   streaming=True, **kw)
+        info = {"source": cfg.source, "format": fmt, **fingerprint(files)}
+    field = "text" if cfg.source == "embedded" else cfg.text_field
+    if field != "text":
+        ds = ds.rename_column(field, "text")
+    return ds, info
+
+
+def is_validation(text: str, val_percent: float) -> bool:
+    """Stable held-out choice: depends on the document's content only."""
+    return zlib.crc32(text.encode("utf-8", "replace")) % 10_000 < val_percent * 100
+
+
+def iter_documents(ds: datasets.IterableDataset, split: str, val_percent: float,
+                   start: int = 0) -> Iterator[tuple[int, str]]:
+    """(index, text) of non-empty documents of one split; index counts that split's documents."""
+    want_val = split == "validation"
+    i = 0
+    for ex in ds:
+        text = ex["text"]
+        if not isinstance(text, str) or not text.strip():
+            continue
+        if is_validation(text, val_percent) != want_val:
+            continue
+        if i >= start:
+            yield i, text
+        i += 1

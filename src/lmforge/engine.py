@@ -1,0 +1,168 @@
+"""Hydra sub-configs -> DeepSpeed config dict -> deepspeed.initialize. The only module that
+imports DeepSpeed."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def ds_config(parallel: ParallelConfig, precision: PrecisionConfig, optim: OptimConfig,
+              micro_batch_size: int, grad_accum_steps: int, world_size: int,
+              on_gpu: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config these settings describe; `parallel.ds_extra` is merged last."""
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    cfg = {
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision.dtype == "bf16"},
+        "fp16": {"enabled": precision.dtype == "fp16", "loss_scale": 0,
+                 "initial_scale_power": precision.initial_scale_power,
+                 "loss_scale_window": precision.loss_scale_window,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        # We pass torch's AdamW; DeepSpeed must not swap in its JIT-built CPU Adam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, dict(parallel.ds_extra))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norm weights and embedding tables get no weight decay."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim < 2 or isinstance(module, nn.Embedding) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int):
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
+    def f(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        span = max(max_steps - optim.warmup_steps, 1)
+        progress = min((step - optim.warmup_steps) / span, 1.0)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def check_precision(dtype: str, device: torch.device) -> None:
+    """fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 path)."""
+    if dtype == "fp16" and device.type != "cuda":
+        raise ConfigError("precision=fp16 needs a CUDA GPU; on CPU use precision=bf16 or fp32")
+
+
+class Engine:
+    """A DeepSpeed engine plus what the trainer asks of it: a step over micro-batches,
+    the gradient norm, the learning rate, save and load."""
+
+    def __init__(self, model: nn.Module, parallel: ParallelConfig, precision: PrecisionConfig,
+                 optim: OptimConfig, micro_batch_size: int, grad_accum_steps: int,
+                 max_steps: int, world_size: int, device: torch.device) -> None:
+        import deepspeed
+
+        check_precision(precision.dtype, device)
+        model.gradient_checkpointing = parallel.activation_checkpointing
+        self.config = ds_config(parallel, precision, optim, micro_batch_size,
+                                grad_accum_steps, world_size, device.type == "cuda")
+        opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+                                betas=(optim.beta1, optim.beta2), eps=optim.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, max_steps))
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=self.config)
+        self.device = device
+        self.stage = parallel.zero_stage
+        self.grad_clip = optim.grad_clip
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum_steps` micro-batches: (mean loss, grad norm),
+        both on this rank and left on the device so nothing synchronises here."""
+        self.engine.train()
+        total = torch.zeros((), device=self.device)
+        grad_norm = None
+        for batch in micro_batches:
+            loss = self.engine(self._to_device(batch))
+            self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary() and self._norm_not_tracked():
+                # DeepSpeed's plain fp32 path clips without recording the norm.
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads)
+            self.engine.step()
+            total += loss.detach().float()
+        if grad_norm is None:
+            grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0).float()
+        return total / len(micro_batches), grad_norm
+
+    def _norm_not_tracked(self) -> bool:
+        return self.stage == 0 and not self.config["bf16"]["enabled"] \
+            and not self.config["fp16"]["enabled"]
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Mean loss over `batches` on this rank."""
+        self.engine.eval()
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            total += self.engine(self._to_device(batch)).float()
+        self.engine.train()
+        return total / max(len(batches), 1)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def loss_scale(self) -> float:
+        return float(getattr(self.optimizer, "cur_scale", 1.0)) if self.config["fp16"]["enabled"] else 1.0
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.engine.skipped_steps)
+
+    def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Every rank writes its shard of the engine state under directory/tag."""
+        # `latest` is ours, written only after every rank finished (checkpoint.save).
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state,
+                                    save_latest=False)
+
+    def load(self, directory: Path, tag: str) -> dict[str, Any]:
+        """Restore engine, optimizer and scheduler state; returns the saved client state."""
+        path, client = self.engine.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise RuntimeError(f"checkpoint {directory / tag} could not be loaded")
+        return client

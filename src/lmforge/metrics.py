@@ -1,0 +1,135 @@
+"""FLOPs per token, peak FLOP/s (GPU table or a cached CPU measurement), MFU, and the
+throughput meter that turns step timings into the logged numbers."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.config import ModelConfig
+
+# Dense (no sparsity) peak TFLOP/s per device by dtype, from the vendors' data sheets.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 SXM": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
+    "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: every Linear and the LM head."""
+    d, L = cfg.d_model, cfg.n_layers
+    hd = d // cfg.n_heads
+    kv = (cfg.n_kv_heads or cfg.n_heads) * hd
+    d_ff = cfg.d_ff or 4 * d
+    attn = d * (d + 2 * kv) + d * d
+    mlp = (3 if cfg.activation == "swiglu" else 2) * d * d_ff
+    head = d * cfg.vocab_size + (d * d if cfg.arch == "bert" else 0)  # BERT: MLM transform
+    return L * (attn + mlp) + head
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: bool = False) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6N for the matmuls plus 12*L*d*T for
+    attention scores and values; recomputing activations adds one more forward (2N + 4LdT)."""
+    n = matmul_params(cfg)
+    attn = 12 * cfg.n_layers * cfg.d_model * seq_len
+    total = 6 * n + attn
+    if recompute:
+        total += 2 * n + attn // 3
+    return float(total)
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmforge" / "peak.json"
+
+
+def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
+    """Best matmul TFLOP/s of this CPU for `dtype`, measured once and cached on disk."""
+    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|" \
+          f"{torch.get_num_threads()}|{torch.__version__}|{dtype}"
+    path = _cache_path()
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in cache:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        cache[key] = 2 * n**3 / best / 1e12
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=1))
+    return cache[key]
+
+
+def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> float:
+    """Peak dense TFLOP/s of one device for `dtype` ("fp32" | "bf16" | "fp16")."""
+    if override > 0:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in PEAK_TFLOPS.items():
+            if all(part in name for part in key.split()):
+                return table[dtype]
+        return 0.0  # unknown GPU: MFU is reported as 0 rather than guessed
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return measure_cpu_peak_tflops(torch_dtype)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak memory of this process: GPU allocated/reserved, or CPU resident set."""
+    if device.type == "cuda":
+        return {"mem_alloc_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+                "mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    return {"mem_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class Throughput:
+    """Accumulates step timings between logs and reports window averages."""
+
+    def __init__(self, flops_per_token: float, world_size: int, peak_tflops: float,
+                 device: torch.device) -> None:
+        self.fpt, self.world, self.peak, self.device = flops_per_token, world_size, peak_tflops, device
+        self.reset()
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t0 = time.perf_counter()
+        self.tokens = self.samples = self.steps = 0
+        self.data_wait_s = 0.0
+
+    def update(self, tokens: int, samples: int, data_wait_s: float) -> None:
+        """Global tokens and samples of one optimizer step, and this rank's data wait."""
+        self.tokens += tokens
+        self.samples += samples
+        self.steps += 1
+        self.data_wait_s += data_wait_s
+
+    def report(self) -> dict[str, float]:
+        """Window averages; synchronises the device so queued work is counted."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        tps = self.tokens / elapsed
+        tflops = tps / self.world * self.fpt / 1e12
+        out = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world,
+               "samples_per_s": self.samples / elapsed,
+               "step_time_s": elapsed / max(self.steps, 1), "tflops": tflops,
+               "mfu": tflops / self.peak if self.peak > 0 else 0.0,
+               "data_wait_frac": self.data_wait_s / elapsed}
+        out.update(memory_stats(self.device))
+        self.reset()
+        return out

@@ -1,0 +1,105 @@
+"""`lmforge-train`: compose the Hydra config, validate it, build, fit."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lmforge.config import ConfigError, TrainConfig, register_configs, validate
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+log = logging.getLogger("lmforge")
+
+register_configs()
+OmegaConf.register_new_resolver(
+    "run_name", lambda model, overrides: model + (f"__{overrides}" if overrides else ""),
+    replace=True)
+
+
+def to_schema(cfg: DictConfig) -> TrainConfig:
+    """The typed, validated config (raises ConfigError)."""
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def one_line(e: BaseException) -> str:
+    """An error and its causes, whitespace folded into one line."""
+    parts = []
+    while e is not None:
+        text = " ".join(str(e).split())
+        if text and text not in parts:
+            parts.append(text)
+        e = e.__cause__
+    return ": ".join(parts)
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose and validate before Hydra runs, so a bad override is one line, exit 2."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            to_schema(compose("train", overrides=overrides))
+    except Exception as e:
+        fail(e)
+
+
+def setup_logging(rank: int, run_dir: Path) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from lmforge import distributed
+    from lmforge.trainer import build
+
+    try:
+        schema = to_schema(cfg)
+    except ConfigError as e:
+        fail(e)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    info = distributed.setup()
+    setup_logging(info.rank, run_dir)
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run dir %s, world size %d, %s", run_dir, info.world_size, info.device)
+    try:
+        trainer = build(schema, run_dir, info)
+        if trainer is None:
+            log.info("trainer.max_steps=0: wrote %s and stopped (dry run)", run_dir / "summary.json")
+        else:
+            trainer.fit()
+    except ConfigError as e:
+        fail(e)
+    finally:
+        distributed.teardown()
+
+
+def fail(e: Exception) -> None:
+    # SystemExit passes through Hydra's error reporting, which would print a traceback.
+    print(f"lmforge-train: config error: {one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def cli() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    precheck(sys.argv[1:])
+    main()
+
+
+if __name__ == "__main__":
+    cli()

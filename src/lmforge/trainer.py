@@ -1,0 +1,241 @@
+"""The training loop: accumulation, eval, logging and checkpoint cadence, resume, the final
+sample and summary. `build()` turns a validated config into a ready Trainer."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tokenizers import Tokenizer
+
+from lmforge import checkpoint, distributed
+from lmforge.config import ConfigError, TrainConfig
+from lmforge.data.loader import BlockLoader
+from lmforge.data.sources import iter_documents, load_stream
+from lmforge.data.tokenizer import kind_for, load_tokenizer, train_tokenizer
+from lmforge.distributed import DistInfo
+from lmforge.engine import Engine
+from lmforge.loggers import build_sinks
+from lmforge.metrics import Throughput, flops_per_token, peak_tflops
+from lmforge.models import build_model
+
+log = logging.getLogger("lmforge")
+
+
+def on_main(info: DistInfo, fn: Callable[[], Any]) -> None:
+    """Run `fn` on rank 0 only; an error there is raised on every rank instead of a hang."""
+    err = None
+    if info.is_main:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, on every rank
+            err = e
+    err = distributed.broadcast_object(err)
+    if err is not None:
+        raise err
+
+
+def build_tokenizer(cfg: TrainConfig, run_dir: Path, info: DistInfo, stream) -> Tokenizer:
+    """The run's tokenizer.json: kept from an earlier run, copied from tokenizer.path, or
+    trained by rank 0 on the training split."""
+    out = run_dir / "tokenizer.json"
+    kind = kind_for(cfg.model.arch, cfg.tokenizer.kind)
+
+    def make() -> None:
+        if cfg.tokenizer.path:
+            load_tokenizer(cfg.tokenizer.path)  # fails clearly before copying
+            shutil.copyfile(cfg.tokenizer.path, out)
+        elif not out.is_file():
+            t = time.perf_counter()
+            texts = (d for _, d in iter_documents(stream, "train", cfg.data.val_percent))
+            train_tokenizer(texts, kind, cfg.tokenizer.vocab_size,
+                            cfg.tokenizer.train_max_chars).save(str(out))
+            log.info("trained a %s tokenizer (vocab %d) in %.1fs", kind,
+                     cfg.tokenizer.vocab_size, time.perf_counter() - t)
+
+    on_main(info, make)
+    return load_tokenizer(out)
+
+
+def model_state_gb(n_params: int, dtype: str, stage: int, world: int) -> float:
+    """Model states per rank (ZeRO paper, Adam): weights, grads and optimizer bytes/param."""
+    w, g, o = (4, 4, 8) if dtype == "fp32" else (2, 2, 12)
+    o /= world if stage >= 1 else 1
+    g /= world if stage >= 2 else 1
+    w /= world if stage >= 3 else 1
+    return n_params * (w + g + o) / 2**30
+
+
+class Trainer:
+    """Owns the loop; everything it needs is built by `build()`."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, tok: Tokenizer,
+                 engine: Engine, loader: BlockLoader, val_batches: list, summary: dict) -> None:
+        self.cfg, self.run_dir, self.info, self.tok = cfg, run_dir, info, tok
+        self.engine, self.loader, self.val_batches, self.summary = engine, loader, val_batches, summary
+        self.ckpt_dir = run_dir / "checkpoints"
+        t = cfg.trainer
+        self.samples_per_step = t.micro_batch_size * t.grad_accum_steps * info.world_size
+        self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
+        self.step, self.tokens, self.wandb_id = 0, 0, None
+        self.last_loss, self.last_val = float("nan"), None
+        self.meter = Throughput(summary["flops_per_token"], info.world_size,
+                                peak_tflops(info.device, cfg.precision.dtype,
+                                            cfg.logging.peak_tflops), info.device)
+
+    def resume(self) -> None:
+        """Continue from checkpoints/latest when the run directory has one."""
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None:
+            return
+        state = checkpoint.load_trainer_state(self.ckpt_dir, tag, self.info.rank)
+        if state["model"] != dataclasses.asdict(self.cfg.model):
+            raise ConfigError(f"{self.ckpt_dir / tag} was trained with a different model config; "
+                              "use a new run directory (hydra.run.dir=...) or restore it")
+        self.engine.load(self.ckpt_dir, tag)
+        self.step, self.tokens, self.wandb_id = state["step"], state["tokens"], state["wandb_id"]
+        self.loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed from %s (step %d, %d tokens)", self.ckpt_dir / tag, self.step, self.tokens)
+
+    def save(self) -> None:
+        state = {"step": self.step, "tokens": self.tokens, "wandb_id": self.wandb_id,
+                 "loader": self.loader.state_dict(), "model": dataclasses.asdict(self.cfg.model)}
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.info.rank,
+                              self.cfg.trainer.keep_last)
+        log.info("saved %s", self.ckpt_dir / tag)
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.val_batches:
+            return {}
+        loss = distributed.all_reduce_mean(self.engine.eval_loss(self.val_batches)).item()
+        self.last_val = loss
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def fit(self) -> dict[str, Any]:
+        t, start = self.cfg.trainer, time.perf_counter()
+        self.resume()
+        if self.step >= t.max_steps:
+            log.info("already at step %d of trainer.max_steps=%d: nothing to do",
+                     self.step, t.max_steps)
+            return self.summary
+        sinks = self._sinks()
+        self.meter.reset()
+        window, n = torch.zeros((), device=self.info.device), 0
+        while self.step < t.max_steps:
+            t0 = time.perf_counter()
+            micro = [next(self.loader) for _ in range(t.grad_accum_steps)]
+            wait = time.perf_counter() - t0
+            loss, grad_norm = self.engine.train_step(micro)
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            self.meter.update(self.tokens_per_step, self.samples_per_step, wait)
+            window, n = window + loss, n + 1
+            metrics: dict[str, Any] = {}
+            if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
+                metrics.update(self._train_metrics(window / n, grad_norm))
+                window, n = torch.zeros_like(window), 0
+            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+                metrics.update(self.evaluate())
+            for s in sinks if metrics else []:
+                s.log(self.step, metrics)
+            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+                self.save()
+        self.save()
+        self.summary.update(final_loss=self.last_loss, final_val_loss=self.last_val,
+                            tokens=self.tokens, steps=self.step,
+                            wall_s=round(time.perf_counter() - start, 2))
+        self._finish(sinks)
+        return self.summary
+
+    def _train_metrics(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> dict[str, Any]:
+        self.last_loss = distributed.all_reduce_mean(loss).item()
+        return {"loss": self.last_loss, "lr": self.engine.lr, "grad_norm": float(grad_norm),
+                "tokens": self.tokens, "loss_scale": self.engine.loss_scale,
+                "skipped_steps": self.engine.skipped_steps, **self.meter.report()}
+
+    def _sinks(self) -> list:
+        if not self.info.is_main:
+            return []
+        sinks = build_sinks(self.cfg.logging, self.run_dir, self.cfg.trainer.max_steps,
+                            self.step, dataclasses.asdict(self.cfg), self.wandb_id)
+        self.wandb_id = next((s.run_id for s in sinks if hasattr(s, "run_id")), None)
+        return sinks
+
+    def sample(self) -> str | None:
+        """A short GPT continuation of trainer.sample_prompt (every rank runs it: under
+        ZeRO-3 each forward gathers parameters collectively)."""
+        t = self.cfg.trainer
+        if self.cfg.model.arch != "gpt" or t.sample_tokens == 0:
+            return None
+        ids = torch.tensor([self.tok.encode(t.sample_prompt).ids or [0]], device=self.info.device)
+        gen = torch.Generator(device=self.info.device).manual_seed(t.seed)
+        self.engine.module.eval()
+        out = self.engine.module.generate(ids, t.sample_tokens, temperature=0.8, top_k=50,
+                                          generator=gen)
+        return self.tok.decode(out[0].tolist())
+
+    def _finish(self, sinks: list) -> None:
+        text = self.sample()
+        if self.info.is_main:
+            if text is not None:
+                (self.run_dir / "sample.txt").write_text(text)
+            write_summary(self.run_dir, self.summary)
+            for s in sinks:
+                s.close()
+            if text is not None:
+                print(f"\n--- sample (step {self.step}) ---\n{text}\n---", flush=True)
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
+    """Tokenizer, model, summary, and (unless max_steps=0: a dry run) data and engine."""
+    stream, corpus = load_stream(cfg.data)
+    tok = build_tokenizer(cfg, run_dir, info, stream)
+    vocab = tok.get_vocab_size()
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                          f"tokenizer's {vocab}; raise it or leave it null")
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
+    dry = cfg.trainer.max_steps == 0
+    torch.manual_seed(cfg.trainer.seed)
+    # A dry run sizes the model on the meta device: no memory, any size.
+    with torch.device("meta") if dry else torch.device("cpu"):
+        model = build_model(cfg.model)
+    p, dt = cfg.parallel, cfg.precision.dtype
+    summary = {"n_params": model.num_params(),
+               "n_params_non_embedding": model.num_params(non_embedding=True),
+               "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
+               "world_size": info.world_size, "zero_stage": p.zero_stage, "dtype": dt,
+               "vocab_size": cfg.model.vocab_size, "tokenizer_vocab_size": vocab,
+               "seq_len": cfg.data.seq_len, "corpus": corpus,
+               "model_state_gb_per_rank": round(model_state_gb(
+                   model.num_params(), dt, p.zero_stage, info.world_size), 3)}
+    if info.is_main:
+        write_summary(run_dir, summary)
+    if dry:
+        return None
+    t = cfg.trainer
+    engine = Engine(model, p, cfg.precision, cfg.optim, t.micro_batch_size, t.grad_accum_steps,
+                    t.max_steps, info.world_size, info.device)
+    if info.is_main:
+        (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
+    loader = BlockLoader(stream, tok, cfg.model.arch, cfg.data, t.micro_batch_size,
+                         info.rank, info.world_size, t.seed)
+    val = BlockLoader(stream, tok, cfg.model.arch, cfg.data, t.micro_batch_size,
+                      info.rank, info.world_size, t.seed, split="validation")
+    val_batches = [b for _, b in zip(range(t.eval_batches), val)]
+    # Equal counts on every rank: ZeRO-3 forwards are collectives.
+    val_batches = val_batches[:distributed.all_reduce_min(len(val_batches), info.device)]
+    if not val_batches:
+        log.warning("the validation split has no full batch: evaluation is off")
+    return Trainer(cfg, run_dir, info, tok, engine, loader, val_batches, summary)
