@@ -2,7 +2,7 @@
 before anything is allocated. No torch import here."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -131,14 +131,16 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Put the schemas where conf/*.yaml `defaults` can name them."""
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    for group, node in [("model", ModelConfig), ("data", DataConfig),
-                        ("tokenizer", TokenizerConfig), ("optim", OptimConfig),
-                        ("parallel", ParallelConfig), ("precision", PrecisionConfig),
-                        ("logging", LoggingConfig)]:
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    """Put the schema where conf/train.yaml's `defaults` names it."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def known_keys(dotted_parent: str) -> list[str]:
+    """Field names of the schema node at `dotted_parent` ("" = top level)."""
+    node: Any = TrainConfig
+    for part in filter(None, dotted_parent.split(".")):
+        node = {f.name: f for f in fields(node)}[part].default_factory
+    return [f.name for f in fields(node)]
 
 
 CHOICES = {

@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lmforge.config import ConfigError, TrainConfig, register_configs, validate
+from lmforge.config import ConfigError, TrainConfig, known_keys, register_configs, validate
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("lmforge")
@@ -29,14 +29,23 @@ def to_schema(cfg: DictConfig) -> TrainConfig:
 
 
 def one_line(e: BaseException) -> str:
-    """An error and its causes, whitespace folded into one line."""
-    parts = []
+    """An error and its causes in one line; an unknown key also lists the known ones."""
+    parts, hint = [], ""
     while e is not None:
-        text = " ".join(str(e).split())
+        text = str(e).split("full_key:")[0].split("Config search path:")[0]
+        # Hydra's "+key" advice is wrong for a typo in a structured config.
+        text = " ".join(l for l in text.splitlines() if not l.startswith("To append")).strip()
+        text = " ".join(text.split()).rstrip(".")
         if text and text not in parts:
             parts.append(text)
+        full_key = getattr(e, "full_key", None)
+        if full_key and "not in" in str(e):
+            try:
+                hint = f" (known keys: {', '.join(known_keys(full_key.rpartition('.')[0]))})"
+            except (KeyError, TypeError):
+                pass
         e = e.__cause__
-    return ": ".join(parts)
+    return ": ".join(parts) + hint
 
 
 def precheck(argv: list[str]) -> None:
@@ -65,6 +74,7 @@ def setup_logging(rank: int, run_dir: Path) -> None:
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from lmforge import distributed
+    from lmforge.engine import check_precision
     from lmforge.trainer import build
 
     try:
@@ -74,6 +84,10 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     info = distributed.setup()
     setup_logging(info.rank, run_dir)
+    try:
+        check_precision(schema.precision.dtype, info.device)
+    except ConfigError as e:
+        fail(e)
     if info.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run dir %s, world size %d, %s", run_dir, info.world_size, info.device)

@@ -1,0 +1,191 @@
+"""Pure mappings from lmforge models to Hugging Face transformers: a config dict
+(GPT2 / Llama / Bert) and a renamed, split, transposed state dict. torch only."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from lmforge.config import ModelConfig
+
+
+def _ff(cfg: ModelConfig) -> int:
+    return cfg.d_ff or 4 * cfg.d_model
+
+
+def _kv(cfg: ModelConfig) -> int:
+    return cfg.n_kv_heads or cfg.n_heads
+
+
+def _require(ok: bool, family: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"cannot export to HF {family}: it needs {what}")
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """Which HF architecture cfg maps onto: 'gpt2', 'llama' or 'bert' (ValueError if none)."""
+    if cfg.arch == "bert":
+        family = "bert"
+    elif cfg.pos_emb == "learned":
+        family = "gpt2"
+    else:
+        family = "llama"
+    if family == "llama":
+        _require(cfg.norm == "rmsnorm", family, "model.norm=rmsnorm")
+        _require(cfg.activation == "swiglu", family, "model.activation=swiglu")
+        return family
+    _require(cfg.pos_emb == "learned", family, "model.pos_emb=learned")
+    _require(cfg.norm == "layernorm", family, "model.norm=layernorm")
+    _require(cfg.bias, family, "model.bias=true")
+    _require(cfg.activation in ("gelu", "gelu_tanh"), family, "model.activation=gelu|gelu_tanh")
+    _require(_kv(cfg) == cfg.n_heads, family, "model.n_kv_heads=null (no grouped-query attention)")
+    return family
+
+
+def _gelu_name(cfg: ModelConfig) -> str:
+    return "gelu_new" if cfg.activation == "gelu_tanh" else "gelu"
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """A transformers config dict (for AutoConfig.for_model(**d)) equivalent to cfg."""
+    if cfg.vocab_size is None:
+        raise ValueError("model.vocab_size is None; set it from the tokenizer first")
+    family = hf_family(cfg)
+    # Special-token ids belong to the tokenizer, not the model: left for the writer to fill.
+    common = {"vocab_size": cfg.vocab_size, "initializer_range": cfg.init_std,
+              "tie_word_embeddings": cfg.tie_embeddings,
+              "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if family == "gpt2":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **common,
+                "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
+                "n_head": cfg.n_heads, "n_inner": _ff(cfg), "activation_function": _gelu_name(cfg),
+                "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
+                "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+    if family == "llama":
+        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **common,
+                "hidden_size": cfg.d_model, "intermediate_size": _ff(cfg),
+                "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+                "num_key_value_heads": _kv(cfg), "head_dim": cfg.d_model // cfg.n_heads,
+                "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+                "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+                "attention_dropout": cfg.dropout}
+    return {"model_type": "bert", "architectures": ["BertForMaskedLM"], **common,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "intermediate_size": _ff(cfg),
+            "hidden_act": _gelu_name(cfg), "hidden_dropout_prob": cfg.dropout,
+            "attention_probs_dropout_prob": cfg.dropout,
+            "max_position_embeddings": cfg.max_seq_len,
+            # HF always adds a token-type table; one zero row is exact when we have none.
+            "type_vocab_size": max(cfg.type_vocab_size, 1), "layer_norm_eps": cfg.norm_eps}
+
+
+def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our parameter names -> HF names for hf_config(cfg)'s model (loads with strict=True).
+
+    Fused qkv and gate+up are split into copies; GPT-2 Conv1D weights are transposed. A tied
+    head maps to the embedding tensor itself, so a safetensors writer must drop or clone it.
+    """
+    family = hf_family(cfg)
+    used: set[str] = set()
+
+    def take(key: str) -> Tensor:
+        used.add(key)
+        return state_dict[key]
+
+    mapper = {"gpt2": _gpt2, "llama": _llama, "bert": _bert}[family]
+    out = mapper(cfg, take, state_dict)
+    left = sorted(set(state_dict) - used)
+    if left:
+        raise ValueError(f"unmapped keys in the lmforge state dict: {left[:5]}")
+    return out
+
+
+Take = Callable[[str], Tensor]
+
+
+def _head(cfg: ModelConfig, take: Take, sd: dict[str, Tensor], head: str, emb: str) -> Tensor:
+    """The output projection; a tied one may be absent from a deduplicated state dict."""
+    if cfg.tie_embeddings and head not in sd:
+        return take(emb)
+    return take(head)
+
+
+def _split(t: Tensor, sizes: list[int]) -> list[Tensor]:
+    # Clones, so each HF tensor owns its storage (safetensors refuses shared memory).
+    return [p.clone() for p in t.split(sizes, dim=0)]
+
+
+def _gpt2(cfg: ModelConfig, take: Take, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {"transformer.wte.weight": take("tok_emb.weight"),
+           "transformer.wpe.weight": take("pos_emb.weight")}
+    conv1d = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
+              "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+    for i in range(cfg.n_layers):
+        p, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
+            for s in ("weight", "bias"):
+                out[f"{h}{theirs}.{s}"] = take(f"{p}{ours}.{s}")
+        for ours, theirs in conv1d.items():
+            # HF GPT-2 uses Conv1D: weight is (in, out), the transpose of nn.Linear's.
+            out[f"{h}{theirs}.weight"] = take(f"{p}{ours}.weight").t().contiguous()
+            out[f"{h}{theirs}.bias"] = take(f"{p}{ours}.bias")
+    out["transformer.ln_f.weight"] = take("norm.weight")
+    out["transformer.ln_f.bias"] = take("norm.bias")
+    out["lm_head.weight"] = _head(cfg, take, sd, "lm_head.weight", "tok_emb.weight")
+    return out
+
+
+def _llama(cfg: ModelConfig, take: Take, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {"model.embed_tokens.weight": take("tok_emb.weight")}
+    kv_dim = _kv(cfg) * (cfg.d_model // cfg.n_heads)
+    suffixes = ("weight", "bias") if cfg.bias else ("weight",)
+    for i in range(cfg.n_layers):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        out[f"{h}input_layernorm.weight"] = take(f"{p}norm1.weight")
+        out[f"{h}post_attention_layernorm.weight"] = take(f"{p}norm2.weight")
+        for s in suffixes:
+            q, k, v = _split(take(f"{p}attn.qkv.{s}"), [cfg.d_model, kv_dim, kv_dim])
+            gate, up = _split(take(f"{p}mlp.fc.{s}"), [_ff(cfg), _ff(cfg)])
+            out.update({f"{h}self_attn.q_proj.{s}": q, f"{h}self_attn.k_proj.{s}": k,
+                        f"{h}self_attn.v_proj.{s}": v,
+                        f"{h}self_attn.o_proj.{s}": take(f"{p}attn.proj.{s}"),
+                        f"{h}mlp.gate_proj.{s}": gate, f"{h}mlp.up_proj.{s}": up,
+                        f"{h}mlp.down_proj.{s}": take(f"{p}mlp.proj.{s}")})
+    out["model.norm.weight"] = take("norm.weight")
+    out["lm_head.weight"] = _head(cfg, take, sd, "lm_head.weight", "tok_emb.weight")
+    return out
+
+
+def _bert(cfg: ModelConfig, take: Take, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    e = "bert.embeddings."
+    word = take("word_emb.weight")
+    types = (take("type_emb.weight") if cfg.type_vocab_size > 0
+             else torch.zeros(1, cfg.d_model, dtype=word.dtype, device=word.device))
+    out = {f"{e}word_embeddings.weight": word,
+           f"{e}position_embeddings.weight": take("pos_emb.weight"),
+           f"{e}token_type_embeddings.weight": types,
+           f"{e}LayerNorm.weight": take("emb_norm.weight"),
+           f"{e}LayerNorm.bias": take("emb_norm.bias")}
+    d = cfg.d_model
+    plain = {"attn.proj": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+             "mlp.fc": "intermediate.dense", "mlp.proj": "output.dense",
+             "norm2": "output.LayerNorm"}
+    for i in range(cfg.n_layers):
+        p, h = f"blocks.{i}.", f"bert.encoder.layer.{i}."
+        for s in ("weight", "bias"):
+            q, k, v = _split(take(f"{p}attn.qkv.{s}"), [d, d, d])
+            out.update({f"{h}attention.self.query.{s}": q, f"{h}attention.self.key.{s}": k,
+                        f"{h}attention.self.value.{s}": v})
+            for ours, theirs in plain.items():
+                out[f"{h}{theirs}.{s}"] = take(f"{p}{ours}.{s}")
+    c = "cls.predictions."
+    for s in ("weight", "bias"):
+        out[f"{c}transform.dense.{s}"] = take(f"head_dense.{s}")
+        out[f"{c}transform.LayerNorm.{s}"] = take(f"head_norm.{s}")
+    out[f"{c}decoder.weight"] = _head(cfg, take, sd, "decoder.weight", "word_emb.weight")
+    out[f"{c}decoder.bias"] = take("decoder.bias")
+    out[f"{c}bias"] = out[f"{c}decoder.bias"]  # HF ties these two
+    return out

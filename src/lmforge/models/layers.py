@@ -1,0 +1,179 @@
+"""Layers shared by GPT and BERT: norms, RoPE, fused-qkv SDPA attention, MLP, a transformer
+block, the masked cross-entropy and the parameter counter."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+def ff_dim(cfg: ModelConfig) -> int:
+    """Hidden width of the MLP; 4 * d_model unless set."""
+    return cfg.d_ff or 4 * cfg.d_model
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    """Number of key/value heads; n_heads unless grouped-query attention is set."""
+    return cfg.n_kv_heads or cfg.n_heads
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in HF Llama: normalize in fp32, scale in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm (bias follows cfg.bias) or RMSNorm over d_model."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Rotary(nn.Module):
+    """Cached RoPE cos/sin tables in the HF Llama rotate_half layout."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (S, hd)
+        # Non-persistent: recomputable, so checkpoints and HF exports never carry them.
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, seq_len: int) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (T, hd), for positions 0..seq_len-1."""
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, hd) queries or keys by position."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) self-attention with one fused qkv projection."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv = cfg.n_heads, kv_heads(cfg)
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.causal = causal
+        self.dropout = cfg.dropout
+        kv_dim = self.n_kv * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """x (B, T, D); mask is additive, broadcastable to (B, H, T, T)."""
+        B, T, D = x.shape
+        kv_dim = self.n_kv * self.head_dim
+        q, k, v = self.qkv(x).split([D, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Two-layer MLP (tanh or erf GELU) or SwiGLU with one fused gate+up projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d_ff = ff_dim(cfg)
+        self.activation = cfg.activation
+        fc_out = 2 * d_ff if cfg.activation == "swiglu" else d_ff
+        self.fc = nn.Linear(cfg.d_model, fc_out, bias=cfg.bias)
+        self.proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        h = self.fc(x)  # (B, T, d_ff) or (B, T, 2 * d_ff)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.drop(self.proj(h))
+
+
+class Block(nn.Module):
+    """Transformer layer: pre-LN (GPT, Llama) or post-LN (BERT)."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool, pre_norm: bool) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, causal)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), rope, mask)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, rope, mask))
+        return self.norm2(x + self.mlp(x))
+
+
+def residual_projections(blocks: nn.ModuleList) -> list[nn.Linear]:
+    """The Linear layers that write into the residual stream (scaled at init)."""
+    return [m for b in blocks for m in (b.attn.proj, b.mlp.proj)]
+
+
+def init_normal(module: nn.Module, std: float) -> None:
+    """normal(0, std) for Linear and Embedding weights, zeros for biases, norms at 1/0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, (nn.LayerNorm, RMSNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+
+
+def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean CE over labels != -100 in fp32; an all-ignored batch gives 0 with a grad_fn."""
+    flat = logits.float().reshape(-1, logits.size(-1))  # (N, V)
+    labels = labels.reshape(-1)
+    total = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    # Dividing by a clamped count (no host sync) turns 0/0 into 0 instead of NaN.
+    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count
+
+
+def count_params(module: nn.Module, exclude: list[nn.Parameter]) -> int:
+    """Unique parameters (tied ones once), leaving out the tensors in exclude."""
+    skip = {id(p) for p in exclude}
+    return sum(p.numel() for p in module.parameters() if id(p) not in skip)

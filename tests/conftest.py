@@ -1,0 +1,65 @@
+"""Shared fixtures: composed configs, local corpora, and a runner for `lmforge-train`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Never touch the network, never wait for wandb.
+os.environ.update(WANDB_MODE="disabled", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+                  TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# Fast settings for end-to-end runs on 2 CPU cores.
+TINY = ["logging=quiet", "data.seq_len=64", "trainer.micro_batch_size=4",
+        "tokenizer.vocab_size=512", "tokenizer.train_max_chars=2000000",
+        "trainer.eval_batches=2", "trainer.sample_tokens=8", "optim.warmup_steps=5"]
+
+
+def compose(overrides: list[str] | None = None):
+    """The typed config `lmforge-train` would build for these overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from lmforge.train import to_schema
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_schema(hydra_compose("train", overrides=overrides or []))
+
+
+@pytest.fixture
+def tiny_cfg():
+    return compose(TINY)
+
+
+def run_train(run_dir: Path, *overrides: str, check: bool = True,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m lmforge.train` in `run_dir` as a user would."""
+    cmd = [sys.executable, "-m", "lmforge.train", f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """A small local JSONL corpus of distinct, learnable documents."""
+    import random
+
+    rng = random.Random(0)
+    words = "the a model token learns data stream shard rank loss step batch".split()
+    path = tmp_path / "corpus.jsonl"
+    with open(path, "w") as f:
+        for i in range(400):
+            body = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
+            f.write(json.dumps({"text": f"doc {i}: {body}.", "id": i}) + "\n")
+    return path

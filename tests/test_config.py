@@ -1,0 +1,74 @@
+"""Config tree: every shipped file composes and validates; bad input is one clear line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONF, REPO, compose
+from lmforge.config import ConfigError, known_keys, validate
+
+GROUPS = ["model", "data", "tokenizer", "optim", "parallel", "precision", "logging"]
+
+
+@pytest.mark.parametrize("group,name", [(g, p.stem) for g in GROUPS
+                                        for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_group_option_composes(group: str, name: str) -> None:
+    extra = ["data.hub_name=some/dataset"] if (group, name) == ("data", "hub") else []
+    extra += ["data.paths=[x.txt]"] if (group, name) == ("data", "files") else []
+    cfg = compose([f"{group}={name}", *extra])
+    assert getattr(cfg, group) is not None
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(name: str) -> None:
+    cfg = compose([f"experiment={name}"])
+    validate(cfg)
+
+
+def test_defaults() -> None:
+    cfg = compose()
+    assert (cfg.model.arch, cfg.data.source, cfg.parallel.zero_stage, cfg.precision.dtype) == \
+        ("gpt", "embedded", 0, "fp32")
+    assert cfg.model.vocab_size is None  # comes from the tokenizer
+
+
+def test_experiment_overrides_groups() -> None:
+    cfg = compose(["experiment=gpt2_124m_gpu"])
+    assert (cfg.model.d_model, cfg.parallel.zero_stage, cfg.precision.dtype) == (768, 2, "bf16")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.arch=rnn", "model.arch='rnn' is not allowed; choose one of ['gpt', 'bert']"),
+    ("parallel.zero_stage=4", "parallel.zero_stage=4 is not allowed"),
+    ("model.n_heads=3", "divisible by model.n_heads=3"),
+    ("data.seq_len=4096", "exceeds model.max_seq_len"),
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size=0 must be > 0"),
+    ("parallel.offload_params=true", "needs parallel.zero_stage=3"),
+    ("data=files", "needs data.paths"),
+    ("logging.wandb.mode=maybe", "logging.wandb.mode='maybe' is not allowed"),
+])
+def test_validation_errors(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=None) as e:
+        compose([override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_known_keys() -> None:
+    assert "max_steps" in known_keys("trainer")
+    assert "mode" in known_keys("logging.wandb")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["trainer.max_stepz=5"], "max_stepz"),
+    (["model=gpt_huge"], "gpt_huge"),
+    (["trainer.max_steps=abc"], "trainer.max_steps=abc"),
+    (["model.arch=rnn"], "choose one of"),
+])
+def test_cli_bad_input_is_one_line(args: list[str], needle: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lmforge.train", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("lmforge-train: config error")

@@ -1,0 +1,61 @@
+"""The pure parts of the DeepSpeed wiring: config dict, parameter groups, LR schedule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import compose
+from lmforge.engine import ds_config, lr_lambda, param_groups
+from lmforge.models import build_model
+
+
+def _ds(*overrides: str, world: int = 1) -> dict:
+    cfg = compose(list(overrides))
+    t = cfg.trainer
+    return ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size,
+                     t.grad_accum_steps, world)
+
+
+def test_ds_config_batch_arithmetic_and_stage() -> None:
+    d = _ds("parallel=zero2", "precision=bf16", "trainer.micro_batch_size=4",
+            "trainer.grad_accum_steps=3", world=2)
+    assert d["train_batch_size"] == 4 * 3 * 2
+    assert d["train_micro_batch_size_per_gpu"] == 4 and d["gradient_accumulation_steps"] == 3
+    assert d["zero_optimization"]["stage"] == 2
+    assert d["bf16"]["enabled"] and not d["fp16"]["enabled"]
+
+
+def test_ds_config_offload_and_extra_keys_merge() -> None:
+    d = _ds("parallel=zero3_offload", "+parallel.ds_extra={zero_optimization: {reduce_bucket_size: 1000}}")
+    z = d["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_param"]["device"] == "cpu"
+    assert z["offload_optimizer"]["device"] == "cpu" and z["reduce_bucket_size"] == 1000
+
+
+def test_fp16_has_dynamic_loss_scaling() -> None:
+    d = _ds("precision=fp16")
+    assert d["fp16"]["enabled"] and d["fp16"]["loss_scale"] == 0
+
+
+def test_no_weight_decay_on_biases_norms_embeddings(tiny_cfg) -> None:
+    import dataclasses
+    model = build_model(dataclasses.replace(tiny_cfg.model, vocab_size=64))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert not any("emb" in names[id(p)] or "wte" in names[id(p)] or "wpe" in names[id(p)]
+                   for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    n_all = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == n_all
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    cfg = compose(["optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
+    f = lr_lambda(cfg.optim, max_steps=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
