@@ -41,10 +41,10 @@ def test_gpt_run_trains_and_writes_the_run_directory(tmp_path: Path) -> None:
 
 def test_bert_mlm_trains(tmp_path: Path) -> None:
     run = tmp_path / "bert"
-    run_train(run, *TINY, "model=bert_tiny", "trainer.max_steps=40", "trainer.log_every=10",
-              "optim.lr=3e-3")
+    run_train(run, *TINY, "model=bert_tiny", "trainer.max_steps=60", "trainer.log_every=10",
+              "trainer.micro_batch_size=16", "optim.lr=3e-3")
     rows = read_metrics(run)
-    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
     assert not (run / "sample.txt").exists()  # no text sample for an encoder
 
 

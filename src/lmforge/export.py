@@ -8,14 +8,9 @@ import torch
 from torch import Tensor
 
 from lmforge.config import ModelConfig
+from lmforge.models.layers import ff_dim, kv_heads
 
-
-def _ff(cfg: ModelConfig) -> int:
-    return cfg.d_ff or 4 * cfg.d_model
-
-
-def _kv(cfg: ModelConfig) -> int:
-    return cfg.n_kv_heads or cfg.n_heads
+Take = Callable[[str], Tensor]  # reads one key of our state dict and marks it mapped
 
 
 def _require(ok: bool, family: str, what: str) -> None:
@@ -39,7 +34,7 @@ def hf_family(cfg: ModelConfig) -> str:
     _require(cfg.norm == "layernorm", family, "model.norm=layernorm")
     _require(cfg.bias, family, "model.bias=true")
     _require(cfg.activation in ("gelu", "gelu_tanh"), family, "model.activation=gelu|gelu_tanh")
-    _require(_kv(cfg) == cfg.n_heads, family, "model.n_kv_heads=null (no grouped-query attention)")
+    _require(kv_heads(cfg) == cfg.n_heads, family, "model.n_kv_heads=null (no GQA)")
     return family
 
 
@@ -59,14 +54,15 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if family == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **common,
                 "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
-                "n_head": cfg.n_heads, "n_inner": _ff(cfg), "activation_function": _gelu_name(cfg),
+                "n_head": cfg.n_heads, "n_inner": ff_dim(cfg),
+                "activation_function": _gelu_name(cfg),
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
                 "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
     if family == "llama":
         return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **common,
-                "hidden_size": cfg.d_model, "intermediate_size": _ff(cfg),
+                "hidden_size": cfg.d_model, "intermediate_size": ff_dim(cfg),
                 "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-                "num_key_value_heads": _kv(cfg), "head_dim": cfg.d_model // cfg.n_heads,
+                "num_key_value_heads": kv_heads(cfg), "head_dim": cfg.d_model // cfg.n_heads,
                 "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
                 "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
                 "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
@@ -74,7 +70,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                 "attention_dropout": cfg.dropout}
     return {"model_type": "bert", "architectures": ["BertForMaskedLM"], **common,
             "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "intermediate_size": _ff(cfg),
+            "num_attention_heads": cfg.n_heads, "intermediate_size": ff_dim(cfg),
             "hidden_act": _gelu_name(cfg), "hidden_dropout_prob": cfg.dropout,
             "attention_probs_dropout_prob": cfg.dropout,
             "max_position_embeddings": cfg.max_seq_len,
@@ -83,11 +79,9 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our parameter names -> HF names for hf_config(cfg)'s model (loads with strict=True).
-
-    Fused qkv and gate+up are split into copies; GPT-2 Conv1D weights are transposed. A tied
-    head maps to the embedding tensor itself, so a safetensors writer must drop or clone it.
-    """
+    """Our names -> HF names for hf_config(cfg)'s model (loads there with strict=True)."""
+    # Fused qkv and gate+up are split into copies, GPT-2 Conv1D weights transposed. A tied head
+    # maps to the embedding tensor itself: a safetensors writer must drop or clone that key.
     family = hf_family(cfg)
     used: set[str] = set()
 
@@ -101,9 +95,6 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[st
     if left:
         raise ValueError(f"unmapped keys in the lmforge state dict: {left[:5]}")
     return out
-
-
-Take = Callable[[str], Tensor]
 
 
 def _head(cfg: ModelConfig, take: Take, sd: dict[str, Tensor], head: str, emb: str) -> Tensor:
@@ -140,7 +131,7 @@ def _gpt2(cfg: ModelConfig, take: Take, sd: dict[str, Tensor]) -> dict[str, Tens
 
 def _llama(cfg: ModelConfig, take: Take, sd: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {"model.embed_tokens.weight": take("tok_emb.weight")}
-    kv_dim = _kv(cfg) * (cfg.d_model // cfg.n_heads)
+    kv_dim = kv_heads(cfg) * (cfg.d_model // cfg.n_heads)
     suffixes = ("weight", "bias") if cfg.bias else ("weight",)
     for i in range(cfg.n_layers):
         p, h = f"blocks.{i}.", f"model.layers.{i}."
@@ -148,7 +139,7 @@ def _llama(cfg: ModelConfig, take: Take, sd: dict[str, Tensor]) -> dict[str, Ten
         out[f"{h}post_attention_layernorm.weight"] = take(f"{p}norm2.weight")
         for s in suffixes:
             q, k, v = _split(take(f"{p}attn.qkv.{s}"), [cfg.d_model, kv_dim, kv_dim])
-            gate, up = _split(take(f"{p}mlp.fc.{s}"), [_ff(cfg), _ff(cfg)])
+            gate, up = _split(take(f"{p}mlp.fc.{s}"), [ff_dim(cfg), ff_dim(cfg)])
             out.update({f"{h}self_attn.q_proj.{s}": q, f"{h}self_attn.k_proj.{s}": k,
                         f"{h}self_attn.v_proj.{s}": v,
                         f"{h}self_attn.o_proj.{s}": take(f"{p}attn.proj.{s}"),

@@ -22,7 +22,8 @@ class BERT(nn.Module):
         self.gradient_checkpointing = False
         self.word_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size > 0 else None
+        self.type_emb = (nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+                         if cfg.type_vocab_size > 0 else None)
         self.emb_norm = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, causal=False, pre_norm=False)
@@ -39,7 +40,7 @@ class BERT(nn.Module):
         """Encoder output (B, T, D); attention_mask (B, T) has 1 for real tokens."""
         T = input_ids.size(1)
         if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise ValueError(f"sequence length {T} > model.max_seq_len={self.cfg.max_seq_len}")
         x = self.word_emb(input_ids) + self.pos_emb(torch.arange(T, device=input_ids.device))
         if self.type_emb is not None:
             if token_type_ids is None:
@@ -72,7 +73,8 @@ class BERT(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Mean CE over the masked positions (labels != -100)."""
-        h = self.hidden(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"))
+        h = self.hidden(batch["input_ids"], batch.get("token_type_ids"),
+                        batch.get("attention_mask"))  # (B, T, D)
         labels = batch["labels"]
         # The head runs only where there is a label (~15% of tokens): same loss, less compute.
         picked = labels != IGNORE_INDEX  # (B, T)

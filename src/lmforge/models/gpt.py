@@ -23,9 +23,10 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.gradient_checkpointing = False
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
-        self.rope = (Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-                     if cfg.pos_emb == "rope" else None)
+        learned = cfg.pos_emb == "learned"
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if learned else None
+        self.rope = (None if learned else
+                     Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, causal=True, pre_norm=True)
                                     for _ in range(cfg.n_layers))
@@ -42,7 +43,7 @@ class GPT(nn.Module):
         """Final-norm hidden states (B, T, D) for input_ids (B, T)."""
         T = input_ids.size(1)
         if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise ValueError(f"sequence length {T} > model.max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_emb(input_ids)  # (B, T, D)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=input_ids.device))
@@ -65,13 +66,15 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters; non_embedding leaves out token and position tables."""
-        tables = [self.tok_emb.weight] + ([self.pos_emb.weight] if self.pos_emb is not None else [])
+        tables = [self.tok_emb.weight]
+        if self.pos_emb is not None:
+            tables.append(self.pos_emb.weight)
         return count_params(self, tables if non_embedding else [])
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Sample max_new_tokens after input_ids (B, T) -> (B, T + max_new_tokens); temperature 0 is greedy."""
+        """Append max_new_tokens sampled tokens to input_ids (B, T); temperature 0 is greedy."""
         was_training = self.training
         self.eval()  # dropout would make sampling depend on more than the generator
         for _ in range(max_new_tokens):
