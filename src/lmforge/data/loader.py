@@ -58,6 +58,8 @@ class BlockLoader:
                 yield i, text
 
     def _gen_blocks(self) -> Iterator[np.ndarray]:
+        # A restored carry is emptied before the next document is read, as it was originally.
+        yield from self.packer.drain()
         while True:
             docs = self._mine()
             while chunk := [d for _, d in zip(range(_ENCODE_CHUNK), docs)]:

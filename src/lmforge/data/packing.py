@@ -27,6 +27,10 @@ class Packer:
         """Append one document and yield every block it completes."""
         self.carry.extend(ids)
         self.carry.append(self.sep_id)
+        yield from self.drain()
+
+    def drain(self) -> Iterator[np.ndarray]:
+        """Yield every full block the carried tokens make."""
         n = self.body_len
         while len(self.carry) >= n:
             body, self.carry = self.carry[:n], self.carry[n:]
