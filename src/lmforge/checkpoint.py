@@ -1,8 +1,12 @@
-"""Run-directory checkpoint layout: checkpoints/step_XXXXXXXX/ holds DeepSpeed's shards and
-one trainer-state file per rank; checkpoints/latest names the newest complete one, written
-last; keep-last-K pruning."""
+"""Run-directory checkpoints you can trust. Every rank writes into checkpoints/.tmp-<tag>/;
+once all are done rank 0 writes a manifest (files, sizes, sha256), renames the directory
+to checkpoints/<tag>/ and only then moves checkpoints/latest. A crash at any moment leaves
+the previous checkpoint intact; resume takes the newest one whose manifest verifies."""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
 import shutil
@@ -13,7 +17,11 @@ import torch
 
 from lmforge.distributed import barrier
 
+log = logging.getLogger("lmforge")
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
 
 
 def tag_for(step: int) -> str:
@@ -34,6 +42,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(ckpt: Path, step: int) -> None:
+    """List every file of `ckpt` with its size and sha256 (written last, so its presence
+    means the rest is complete)."""
+    files = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(ckpt).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
+    tmp = ckpt / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+    os.replace(tmp, ckpt / MANIFEST)
+
+
+def verify(ckpt: Path, checksums: bool = True) -> str | None:
+    """None when `ckpt` is complete and intact, else the reason it is not."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "no readable manifest (an interrupted save?)"
+    for name, meta in manifest["files"].items():
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != meta["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}"
+        if checksums and sha256(p) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def write_latest(ckpt_dir: Path, tag: str) -> None:
     """Point `latest` at `tag` by an atomic rename, so it never names a half-written file."""
     tmp = ckpt_dir / f".{LATEST}.tmp"
@@ -41,37 +94,55 @@ def write_latest(ckpt_dir: Path, tag: str) -> None:
     os.replace(tmp, ckpt_dir / LATEST)
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint's tag, or None when there is none."""
-    path = ckpt_dir / LATEST
-    if not path.is_file():
-        return None
-    tag = path.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
+def latest_good(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies: `latest` first, then older ones, newest first.
+    Each one skipped is reported."""
+    candidates = sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = ckpt_dir / LATEST
+    if pointer.is_file():
+        named = ckpt_dir / pointer.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    for ckpt in candidates:
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("skipping checkpoint %s: %s", ckpt, problem)
+    return None
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], rank: int,
-         keep_last: int) -> str:
-    """Every rank: DeepSpeed shards, then this rank's trainer state; rank 0 then moves
-    `latest` and prunes old checkpoints once all ranks are done."""
+         keep_last: int) -> Path:
+    """Every rank calls this; returns the final checkpoint directory."""
     tag = tag_for(step)
-    engine.save(ckpt_dir, tag, client_state={"step": step})
-    torch.save({**trainer_state, "rng": rng_state()}, ckpt_dir / tag / f"trainer_rank{rank}.pt")
+    tmp_tag, final = TMP_PREFIX + tag, ckpt_dir / tag
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(TMP_PREFIX + "*"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    engine.save(ckpt_dir, tmp_tag, client_state={"step": step})
+    torch.save({**trainer_state, "rng": rng_state()},
+               ckpt_dir / tmp_tag / f"trainer_rank{rank}.pt")
     barrier()
     if rank == 0:
+        write_manifest(ckpt_dir / tmp_tag, step)
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(ckpt_dir / tmp_tag, final)
+        _fsync_dir(ckpt_dir)
         write_latest(ckpt_dir, tag)
         if keep_last > 0:
-            old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())[:-keep_last]
-            for p in old:
-                shutil.rmtree(p, ignore_errors=True)
+            for old in sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
-    return tag
+    return final
 
 
-def load_trainer_state(ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:
-    """This rank's trainer state of `tag` (tensors and plain types only: no unpickling)."""
-    path = ckpt_dir / tag / f"trainer_rank{rank}.pt"
+def load_trainer_state(ckpt: Path, rank: int) -> dict[str, Any]:
+    """This rank's trainer state (tensors and plain types only: nothing is unpickled)."""
+    path = ckpt / f"trainer_rank{rank}.pt"
     if not path.is_file():
-        raise RuntimeError(f"{path} is missing: the checkpoint was written by a different "
-                           "number of ranks or is incomplete")
+        n = len(list(ckpt.glob("trainer_rank*.pt")))
+        raise RuntimeError(f"{path} is missing: {ckpt} was written by {n} ranks; resume it "
+                           f"with {n} processes")
     return torch.load(path, weights_only=True)

@@ -112,6 +112,8 @@ class TrainerConfig:
     eval_batches: int = 8
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # checkpoints kept; 0 keeps all
+    resume_from: Optional[str] = None  # a checkpoint dir; None = newest good one of this run
+    max_bad_steps: int = 5  # non-finite loss/grad steps in a row before the run stops
     log_every: int = 10
     seed: int = 1337
     sample_tokens: int = 64  # GPT text sample printed at the end; 0 disables
@@ -158,7 +160,7 @@ CHOICES = {
 
 POSITIVE = ["model.n_layers", "model.n_heads", "model.d_model", "model.max_seq_len",
             "data.seq_len", "tokenizer.vocab_size", "trainer.micro_batch_size",
-            "trainer.grad_accum_steps", "trainer.log_every", "trainer.eval_batches",
+            "trainer.grad_accum_steps", "trainer.log_every", "trainer.max_bad_steps", "trainer.eval_batches",
             "optim.lr"]
 NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",
                 "trainer.sample_tokens", "trainer.keep_last", "optim.warmup_steps", "optim.weight_decay",

@@ -105,6 +105,15 @@ def all_reduce_min(n: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (one tiny all-reduce per call)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """rank `src`'s value on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -115,24 +115,37 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `grad_accum_steps` micro-batches: (mean loss, grad norm),
-        both on this rank and left on the device so nothing synchronises here."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step over `grad_accum_steps` micro-batches: (mean loss, grad norm,
+        applied). Loss and norm stay on the device; a non-finite gradient skips the update."""
         self.engine.train()
         total = torch.zeros((), device=self.device)
         grad_norm = None
+        skipped_before = self.engine.skipped_steps
         for batch in micro_batches:
             loss = self.engine(self._to_device(batch))
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary() and self._norm_not_tracked():
-                # DeepSpeed's plain fp32 path clips without recording the norm.
-                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm(grads)
+                grad_norm = self._plain_fp32_norm_and_guard()
             self.engine.step()
             total += loss.detach().float()
         if grad_norm is None:
             grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0).float()
-        return total / len(micro_batches), grad_norm
+        return total / len(micro_batches), grad_norm, self.engine.skipped_steps == skipped_before
+
+    def _plain_fp32_norm_and_guard(self) -> torch.Tensor:
+        """DeepSpeed's plain fp32 path neither records the norm nor skips non-finite grads
+        (its ZeRO, bf16 and fp16 optimizers do): compute the norm, and on inf/NaN drop the
+        grads and raise the `overflow` flag DeepSpeed reads, so it counts a skipped step and
+        holds the LR schedule."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        overflow = not torch.isfinite(norm).item()
+        if overflow:
+            for p in params:
+                p.grad = None
+        self.optimizer.overflow = overflow
+        return norm
 
     def _norm_not_tracked(self) -> bool:
         return self.stage == 0 and not self.config["bf16"]["enabled"] \

@@ -12,6 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmforge.config import ConfigError, TrainConfig, known_keys, register_configs, validate
 
+EXIT_CONFIG = 2  # bad config or input: fix and re-run
+EXIT_DIVERGED = 3  # too many non-finite steps; the last good checkpoint is kept
+EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1/Ctrl-C after a checkpoint: run again to resume
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("lmforge")
 
@@ -75,7 +78,7 @@ def setup_logging(rank: int, run_dir: Path) -> None:
 def main(cfg: DictConfig) -> None:
     from lmforge import distributed
     from lmforge.engine import check_precision
-    from lmforge.trainer import build
+    from lmforge.trainer import NonFiniteError, build
 
     try:
         schema = to_schema(cfg)
@@ -93,20 +96,28 @@ def main(cfg: DictConfig) -> None:
     log.info("run dir %s, world size %d, %s", run_dir, info.world_size, info.device)
     try:
         trainer = build(schema, run_dir, info)
+        summary: dict = {}
         if trainer is None:
             log.info("trainer.max_steps=0: wrote %s and stopped (dry run)", run_dir / "summary.json")
         else:
-            trainer.fit()
+            summary = trainer.fit()
     except ConfigError as e:
         fail(e)
+    except NonFiniteError as e:
+        log.error("%s", e)
+        code = EXIT_DIVERGED
+    else:
+        code = EXIT_REQUEUE if summary.get("stopped") else 0
     finally:
         distributed.teardown()
+    if code:
+        sys.exit(code)
 
 
 def fail(e: Exception) -> None:
     # SystemExit passes through Hydra's error reporting, which would print a traceback.
     print(f"lmforge-train: config error: {one_line(e)}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_CONFIG)
 
 
 def cli() -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -72,6 +73,33 @@ def model_state_gb(n_params: int, dtype: str, stage: int, world: int) -> float:
     return n_params * (w + g + o) / 2**30
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (Slurm's preemption warning) ask the loop to save and exit;
+    Ctrl-C once does the same, twice aborts at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, then saving and exiting", self.received)
+
+    def __enter__(self) -> "StopSignals":
+        self.previous = {s: signal.signal(s, self._handle)
+                         for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
 class Trainer:
     """Owns the loop; everything it needs is built by `build()`."""
 
@@ -84,32 +112,43 @@ class Trainer:
         self.samples_per_step = t.micro_batch_size * t.grad_accum_steps * info.world_size
         self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
         self.step, self.tokens, self.wandb_id = 0, 0, None
-        self.last_loss, self.last_val = float("nan"), None
+        self.last_loss, self.last_val, self.bad_steps = float("nan"), None, 0
+        self.tokenizer_sha256 = checkpoint.sha256(run_dir / "tokenizer.json")
         self.meter = Throughput(summary["flops_per_token"], info.world_size,
                                 peak_tflops(info.device, cfg.precision.dtype,
                                             cfg.logging.peak_tflops), info.device)
 
     def resume(self) -> None:
-        """Continue from checkpoints/latest when the run directory has one."""
-        tag = checkpoint.latest_tag(self.ckpt_dir)
-        if tag is None:
-            return
-        state = checkpoint.load_trainer_state(self.ckpt_dir, tag, self.info.rank)
-        if state["model"] != dataclasses.asdict(self.cfg.model):
-            raise ConfigError(f"{self.ckpt_dir / tag} was trained with a different model config; "
-                              "use a new run directory (hydra.run.dir=...) or restore it")
-        self.engine.load(self.ckpt_dir, tag)
+        """Continue from trainer.resume_from, or from this run's newest good checkpoint."""
+        explicit = self.cfg.trainer.resume_from
+        if explicit:
+            ckpt = Path(explicit)
+            problem = checkpoint.verify(ckpt) if ckpt.is_dir() else "no such directory"
+            if problem:
+                raise ConfigError(f"trainer.resume_from={explicit}: {problem}")
+        else:
+            ckpt = checkpoint.latest_good(self.ckpt_dir)
+            if ckpt is None:
+                return
+        state = checkpoint.load_trainer_state(ckpt, self.info.rank)
+        for key, now in [("model", dataclasses.asdict(self.cfg.model)),
+                         ("tokenizer_sha256", self.tokenizer_sha256)]:
+            if state[key] != now:
+                raise ConfigError(f"{ckpt} was trained with a different {key.split('_')[0]}; "
+                                  "resume it unchanged or start a new run (hydra.run.dir=...)")
+        self.engine.load(ckpt.parent, ckpt.name)
         self.step, self.tokens, self.wandb_id = state["step"], state["tokens"], state["wandb_id"]
         self.loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
-        log.info("resumed from %s (step %d, %d tokens)", self.ckpt_dir / tag, self.step, self.tokens)
+        log.info("resumed from %s (step %d, %d tokens)", ckpt, self.step, self.tokens)
 
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "wandb_id": self.wandb_id,
-                 "loader": self.loader.state_dict(), "model": dataclasses.asdict(self.cfg.model)}
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.info.rank,
-                              self.cfg.trainer.keep_last)
-        log.info("saved %s", self.ckpt_dir / tag)
+                 "loader": self.loader.state_dict(), "model": dataclasses.asdict(self.cfg.model),
+                 "tokenizer_sha256": self.tokenizer_sha256}
+        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.info.rank,
+                               self.cfg.trainer.keep_last)
+        log.info("saved %s", path)
 
     def evaluate(self) -> dict[str, float]:
         if not self.val_batches:
@@ -119,6 +158,7 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def fit(self) -> dict[str, Any]:
+        """Train to trainer.max_steps; returns the summary (`stopped` says why it ended early)."""
         t, start = self.cfg.trainer, time.perf_counter()
         self.resume()
         if self.step >= t.max_steps:
@@ -127,38 +167,62 @@ class Trainer:
             return self.summary
         sinks = self._sinks()
         self.meter.reset()
-        window, n = torch.zeros((), device=self.info.device), 0
-        while self.step < t.max_steps:
-            t0 = time.perf_counter()
-            micro = [next(self.loader) for _ in range(t.grad_accum_steps)]
-            wait = time.perf_counter() - t0
-            loss, grad_norm = self.engine.train_step(micro)
-            self.step += 1
-            self.tokens += self.tokens_per_step
-            self.meter.update(self.tokens_per_step, self.samples_per_step, wait)
-            window, n = window + loss, n + 1
-            metrics: dict[str, Any] = {}
-            if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
-                metrics.update(self._train_metrics(window / n, grad_norm))
-                window, n = torch.zeros_like(window), 0
-            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
-                metrics.update(self.evaluate())
-            for s in sinks if metrics else []:
-                s.log(self.step, metrics)
-            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
-                self.save()
-        self.save()
+        window, n, bad = torch.zeros((), device=self.info.device), 0, 0
+        with StopSignals() as signals:
+            while self.step < t.max_steps:
+                t0 = time.perf_counter()
+                micro = [next(self.loader) for _ in range(t.grad_accum_steps)]
+                wait = time.perf_counter() - t0
+                loss, grad_norm, applied = self.engine.train_step(micro)
+                self.step += 1
+                self.tokens += self.tokens_per_step
+                self.meter.update(self.tokens_per_step, self.samples_per_step, wait)
+                bad = self._check_finite(loss, applied, bad)
+                window, n = window + loss, n + 1
+                metrics: dict[str, Any] = {}
+                if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
+                    metrics.update(self._train_metrics(window / n, grad_norm))
+                    window, n = torch.zeros_like(window), 0
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+                    metrics.update(self.evaluate())
+                for s in sinks if metrics else []:
+                    s.log(self.step, metrics)
+                if distributed.any_rank(signals.received is not None, self.info.device):
+                    self.summary["stopped"] = signals.received or "signal on another rank"
+                    break
+                # No checkpoint in a non-finite streak: the last one stays the last good one.
+                if (t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps
+                        and bad == 0):
+                    self.save()
+            self.save()
         self.summary.update(final_loss=self.last_loss, final_val_loss=self.last_val,
                             tokens=self.tokens, steps=self.step,
                             wall_s=round(time.perf_counter() - start, 2))
         self._finish(sinks)
         return self.summary
 
+    def _check_finite(self, loss: torch.Tensor, applied: bool, bad: int) -> int:
+        """Count consecutive steps whose loss or gradient was not finite (their updates
+        were skipped); too many in a row stop the run, keeping the last good checkpoint."""
+        finite = bool(torch.isfinite(distributed.all_reduce_mean(loss)).item())
+        # fp16 overflow skips are loss scaling at work, not a broken run.
+        if finite and (applied or self.cfg.precision.dtype == "fp16"):
+            return 0
+        self.bad_steps += 1
+        log.warning("step %d: non-finite %s; update skipped (%d in a row)", self.step,
+                    "loss" if not finite else "gradient", bad + 1)
+        if bad + 1 >= self.cfg.trainer.max_bad_steps:
+            raise NonFiniteError(f"{bad + 1} steps in a row had a non-finite loss or gradient "
+                                 f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); "
+                                 f"the last good checkpoint is kept in {self.ckpt_dir}")
+        return bad + 1
+
     def _train_metrics(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> dict[str, Any]:
         self.last_loss = distributed.all_reduce_mean(loss).item()
         return {"loss": self.last_loss, "lr": self.engine.lr, "grad_norm": float(grad_norm),
                 "tokens": self.tokens, "loss_scale": self.engine.loss_scale,
-                "skipped_steps": self.engine.skipped_steps, **self.meter.report()}
+                "skipped_steps": self.engine.skipped_steps, "bad_steps": self.bad_steps,
+                **self.meter.report()}
 
     def _sinks(self) -> list:
         if not self.info.is_main:
