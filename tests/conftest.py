@@ -36,11 +36,12 @@ def tiny_cfg():
     return compose(TINY)
 
 
-def run_train(run_dir: Path, *overrides: str, check: bool = True,
-              timeout: float = 600) -> subprocess.CompletedProcess:
+def run_train(run_dir: Path, *overrides: str, check: bool = True, timeout: float = 600,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m lmforge.train` in `run_dir` as a user would."""
     cmd = [sys.executable, "-m", "lmforge.train", f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

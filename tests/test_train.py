@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -103,3 +104,25 @@ def test_model_vocab_smaller_than_tokenizer_is_an_error(tmp_path: Path) -> None:
                      check=False)
     assert proc.returncode == 2
     assert "model.vocab_size=100 is smaller than the tokenizer's 512" in proc.stderr
+
+
+def test_grad_accumulation_equals_a_bigger_micro_batch(tmp_path: Path) -> None:
+    common = [*TINY, "trainer.max_steps=4", "trainer.log_every=1", "trainer.eval_every=0"]
+    run_train(tmp_path / "mb4", *common, "trainer.micro_batch_size=4")
+    run_train(tmp_path / "mb2x2", *common, "trainer.micro_batch_size=2",
+              "trainer.grad_accum_steps=2")
+    a, b = read_metrics(tmp_path / "mb4"), read_metrics(tmp_path / "mb2x2")
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+
+
+def test_wandb_without_a_key_logs_offline(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), NETRC=str(tmp_path / "none"))
+    run = tmp_path / "run"
+    proc = run_train(run, *TINY, "logging.wandb.mode=online", "trainer.max_steps=3", env=env)
+    assert "logging offline" in proc.stderr
+    runs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

@@ -49,13 +49,13 @@ class ConsoleSink:
                         dynamic_ncols=True, mininterval=1.0)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self.bar.update(step - self.bar.n)
         show = {"loss": "{:.3f}", "val_loss": "{:.3f}", "tokens_per_s": "{:,.0f}",
                 "mfu": "{:.1%}", "lr": "{:.2e}"}
         post = {k.replace("tokens_per_s", "tok/s"): f.format(metrics[k])
                 for k, f in show.items() if isinstance(metrics.get(k), (int, float))}
         if post:
             self.bar.set_postfix(post, refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def write(self, text: str) -> None:
         self.bar.write(text)
