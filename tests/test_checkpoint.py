@@ -100,6 +100,27 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path: Path, straight, kill_
 
 
 @pytest.mark.slow
+def test_kill_during_a_save_keeps_a_loadable_latest(tmp_path: Path, straight) -> None:
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    proc = _spawn(run, *RUN, "trainer.max_steps=16", "trainer.save_every=1")
+    caught = False
+    while proc.poll() is None and not caught:
+        if ckpts.is_dir() and any(n.startswith(".tmp-step_0000000") and n > ".tmp-step_00000002"
+                                  for n in os.listdir(ckpts)):
+            proc.kill()  # a save is in flight
+            caught = True
+        time.sleep(0.0005)
+    proc.wait()
+    assert caught, "the run ended before a save could be interrupted"
+    good = latest_good(ckpts)
+    assert good is not None and verify(good) is None
+    assert (good / "config.yaml").is_file() and (good / "tokenizer.json").is_file()
+    run_train(run, *RUN, "trainer.max_steps=16", "trainer.save_every=1")
+    assert _losses(run) == straight
+
+
+@pytest.mark.slow
 def test_sigusr1_saves_and_exits_for_requeue(tmp_path: Path, straight) -> None:
     run = tmp_path / "run"
     proc = _spawn(run, *RUN, "trainer.max_steps=16")

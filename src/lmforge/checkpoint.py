@@ -111,8 +111,9 @@ def latest_good(ckpt_dir: Path) -> Path | None:
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], rank: int,
-         keep_last: int) -> Path:
-    """Every rank calls this; returns the final checkpoint directory."""
+         keep_last: int, extra_files: tuple[Path, ...] = ()) -> Path:
+    """Every rank calls this; returns the final checkpoint directory. `extra_files` (the
+    resolved config, the tokenizer) are copied in, so a checkpoint stands on its own."""
     tag = tag_for(step)
     tmp_tag, final = TMP_PREFIX + tag, ckpt_dir / tag
     if rank == 0:
@@ -125,6 +126,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], 
                ckpt_dir / tmp_tag / f"trainer_rank{rank}.pt")
     barrier()
     if rank == 0:
+        for f in extra_files:
+            shutil.copyfile(f, ckpt_dir / tmp_tag / f.name)
         write_manifest(ckpt_dir / tmp_tag, step)
         if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
             shutil.rmtree(final)

@@ -147,7 +147,8 @@ class Trainer:
                  "loader": self.loader.state_dict(), "model": dataclasses.asdict(self.cfg.model),
                  "tokenizer_sha256": self.tokenizer_sha256}
         path = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.info.rank,
-                               self.cfg.trainer.keep_last)
+                               self.cfg.trainer.keep_last,
+                               (self.run_dir / "config.yaml", self.run_dir / "tokenizer.json"))
         log.info("saved %s", path)
 
     def evaluate(self) -> dict[str, float]:
