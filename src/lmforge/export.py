@@ -1,7 +1,12 @@
-"""Pure mappings from lmforge models to Hugging Face transformers: a config dict
-(GPT2 / Llama / Bert) and a renamed, split, transposed state dict. torch only."""
+"""lmforge models as Hugging Face transformers checkpoints: the pure mappings (a GPT2 / Llama
+/ Bert config dict, a renamed, split, transposed state dict) and `lmforge-export`, which
+writes model.safetensors, config.json and the tokenizer files of a run's checkpoint."""
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -180,3 +185,105 @@ def _bert(cfg: ModelConfig, take: Take, sd: dict[str, Tensor]) -> dict[str, Tens
     out[f"{c}decoder.bias"] = take("decoder.bias")
     out[f"{c}bias"] = out[f"{c}decoder.bias"]  # HF ties these two
     return out
+
+
+# ---------------------------------------------------------------- lmforge-export
+
+# Copies HF re-ties on load (tie_word_embeddings; BERT's decoder bias is cls.predictions.bias):
+# written once, since safetensors refuses tensors that share memory.
+TIED_COPIES = ("lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+
+class ExportError(ValueError):
+    """Bad input for lmforge-export; the message is one line."""
+
+
+def safetensors_ready(hf_sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor once (tied copies dropped) and in its own contiguous storage."""
+    out: dict[str, Tensor] = {}
+    first: dict[int, str] = {}
+    for k in sorted(hf_sd, key=lambda k: k in TIED_COPIES):  # tie sources first
+        t = hf_sd[k]
+        if t.data_ptr() in first:
+            if k not in TIED_COPIES:
+                raise ExportError(f"{k} shares memory with {first[t.data_ptr()]}, which HF "
+                                  "does not tie")
+            continue
+        first[t.data_ptr()] = k
+        # A slice of DeepSpeed's flat buffer would be written with the whole buffer.
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        out[k] = t.contiguous() if whole else t.clone()
+    return out
+
+
+def write_tokenizer(src: Path, out: Path, arch: str, max_len: int) -> dict[str, int]:
+    """tokenizer.json (as trained) plus the transformers files that name its special tokens
+    (read by AutoTokenizer in transformers 4 and 5); returns the special-token ids."""
+    from tokenizers import Tokenizer
+
+    from lmforge.data.tokenizer import SPECIALS, kind_for, special_ids
+
+    kind = kind_for(arch)  # what the data loader used, whatever tokenizer.kind says
+    ids = special_ids(Tokenizer.from_file(str(src)), kind)
+    roles = SPECIALS[kind]
+    if kind == "bpe":  # GPT-2's convention: one token begins and ends every document
+        specials = {"bos_token": roles["eos"], "eos_token": roles["eos"]}
+    else:
+        specials = {f"{role}_token": token for role, token in roles.items()}
+    (out / "tokenizer.json").write_bytes(src.read_bytes())
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+              "clean_up_tokenization_spaces": False, **specials}
+    for name, body in [("tokenizer_config.json", config), ("special_tokens_map.json", specials)]:
+        (out / name).write_text(json.dumps(body, indent=2) + "\n")
+    if kind == "bpe":
+        return {"bos_token_id": ids["eos"], "eos_token_id": ids["eos"]}
+    return {"pad_token_id": ids["pad"]}
+
+
+def export(src: Path, out: Path) -> str:
+    """Write the HF model of `src` (a run or checkpoint directory) into `out`; a summary."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    from lmforge.consolidate import check_state_dict, consolidate, resolve, run_model_config
+
+    run_dir, ckpt = resolve(src)
+    tok_path = run_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise ExportError(f"{tok_path} is missing: the export needs the run's tokenizer")
+    cfg = run_model_config(run_dir, ckpt, Tokenizer.from_file(str(tok_path)).get_vocab_size())
+    config = hf_config(cfg)  # fails before the (slow) consolidation when HF has no such model
+    sd = consolidate(ckpt)
+    check_state_dict(cfg, sd)
+    tensors = safetensors_ready(to_hf_state_dict(cfg, sd))
+    out.mkdir(parents=True, exist_ok=True)
+    config.update(write_tokenizer(tok_path, out, cfg.arch, cfg.max_seq_len),
+                  torch_dtype="float32")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    n = sum(t.numel() for t in tensors.values())
+    return f"wrote {out} ({config['model_type']}, {n:,} parameters) from {ckpt}"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lmforge-export", description="Export an lmforge checkpoint as a Hugging Face "
+        "model directory (model.safetensors, config.json, tokenizer files).")
+    parser.add_argument("src", type=Path, help="a run directory (exports checkpoints/latest) "
+                        "or a checkpoint directory RUN/checkpoints/step_XXXXXXXX")
+    parser.add_argument("out", type=Path, help="the directory to write")
+    args = parser.parse_args(argv)
+    try:
+        print(export(args.src, args.out))
+    except ValueError as e:  # ExportError, CheckpointError, ConfigError, hf_family's
+        print(f"lmforge-export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()

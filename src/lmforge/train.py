@@ -55,7 +55,8 @@ def precheck(argv: list[str]) -> None:
     """Compose and validate before Hydra runs, so a bad override is one line, exit 2."""
     from hydra import compose, initialize_config_dir
 
-    overrides = [a for a in argv if not a.startswith("-")]
+    # Overrides have "=" (or are deletions "~key"); flags like --cfg job are Hydra's own.
+    overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             to_schema(compose("train", overrides=overrides))
