@@ -7,13 +7,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
 
 from lmforge.config import ModelConfig
 from lmforge.models.layers import ff_dim, kv_heads
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 Take = Callable[[str], Tensor]  # reads one key of our state dict and marks it mapped
 
@@ -216,15 +219,14 @@ def safetensors_ready(hf_sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def write_tokenizer(src: Path, out: Path, arch: str, max_len: int) -> dict[str, int]:
+def write_tokenizer(src: Path, tok: Tokenizer, out: Path, arch: str,
+                    max_len: int) -> dict[str, int]:
     """tokenizer.json (as trained) plus the transformers files that name its special tokens
     (read by AutoTokenizer in transformers 4 and 5); returns the special-token ids."""
-    from tokenizers import Tokenizer
-
     from lmforge.data.tokenizer import SPECIALS, kind_for, special_ids
 
     kind = kind_for(arch)  # what the data loader used, whatever tokenizer.kind says
-    ids = special_ids(Tokenizer.from_file(str(src)), kind)
+    ids = special_ids(tok, kind)
     roles = SPECIALS[kind]
     if kind == "bpe":  # GPT-2's convention: one token begins and ends every document
         specials = {"bos_token": roles["eos"], "eos_token": roles["eos"]}
@@ -243,21 +245,28 @@ def write_tokenizer(src: Path, out: Path, arch: str, max_len: int) -> dict[str, 
 def export(src: Path, out: Path) -> str:
     """Write the HF model of `src` (a run or checkpoint directory) into `out`; a summary."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer
 
     from lmforge.consolidate import check_state_dict, consolidate, resolve, run_model_config
+    from lmforge.data.tokenizer import load_tokenizer
+
+    from lmforge.checkpoint import MANIFEST, verify
 
     run_dir, ckpt = resolve(src)
-    tok_path = run_dir / "tokenizer.json"
+    if (ckpt / MANIFEST).is_file() and (problem := verify(ckpt)):
+        raise ExportError(f"{ckpt} is damaged: {problem}")
+    # A checkpoint carries its own tokenizer and config; older ones rely on the run's.
+    tok_path = ckpt / "tokenizer.json" if (ckpt / "tokenizer.json").is_file() \
+        else run_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise ExportError(f"{tok_path} is missing: the export needs the run's tokenizer")
-    cfg = run_model_config(run_dir, ckpt, Tokenizer.from_file(str(tok_path)).get_vocab_size())
+    tok = load_tokenizer(tok_path)
+    cfg = run_model_config(run_dir, ckpt, tok.get_vocab_size())
     config = hf_config(cfg)  # fails before the (slow) consolidation when HF has no such model
     sd = consolidate(ckpt)
     check_state_dict(cfg, sd)
     tensors = safetensors_ready(to_hf_state_dict(cfg, sd))
     out.mkdir(parents=True, exist_ok=True)
-    config.update(write_tokenizer(tok_path, out, cfg.arch, cfg.max_seq_len),
+    config.update(write_tokenizer(tok_path, tok, out, cfg.arch, cfg.max_seq_len),
                   torch_dtype="float32")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -275,7 +284,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         print(export(args.src, args.out))
-    except ValueError as e:  # ExportError, CheckpointError, ConfigError, hf_family's
+    except (ValueError, OSError) as e:  # ours, ConfigError, hf_family's; OUT is a file
         print(f"lmforge-export: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -92,8 +92,6 @@ def main(cfg: DictConfig) -> None:
         check_precision(schema.precision.dtype, info.device)
     except ConfigError as e:
         fail(e)
-    if info.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run dir %s, world size %d, %s", run_dir, info.world_size, info.device)
     try:
         trainer = build(schema, run_dir, info)

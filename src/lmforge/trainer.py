@@ -162,6 +162,8 @@ class Trainer:
         """Train to trainer.max_steps; returns the summary (`stopped` says why it ended early)."""
         t, start = self.cfg.trainer, time.perf_counter()
         self.resume()
+        if self.info.is_main:  # after resume() accepted the checkpoint for this config
+            write_config(self.run_dir, self.cfg)
         if self.step >= t.max_steps:
             log.info("already at step %d of trainer.max_steps=%d: nothing to do",
                      self.step, t.max_steps)
@@ -258,6 +260,13 @@ class Trainer:
                 print(f"\n--- sample (step {self.step}) ---\n{text}\n---", flush=True)
 
 
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """The resolved config (model.vocab_size filled in) as config.yaml."""
+    from omegaconf import OmegaConf
+
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
 def write_summary(run_dir: Path, summary: dict) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -287,6 +296,8 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
                    model.num_params(), dt, p.zero_stage, info.world_size), 3)}
     if info.is_main:
         write_summary(run_dir, summary)
+        if dry:
+            write_config(run_dir, cfg)
     if dry:
         return None
     t = cfg.trainer

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 from lmforge.config import ConfigError
 
@@ -47,6 +48,11 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int,
         tok.normalizer = normalizers.BertNormalizer(lowercase=False)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
+        # For users of the exported tokenizer; lmforge's loader frames blocks itself.
+        cls, sep = SPECIALS["wordpiece"]["cls"], SPECIALS["wordpiece"]["sep"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, specials.index(cls)), (sep, specials.index(sep))])
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
                                             show_progress=False)
     tok.train_from_iterator(_bounded(texts, max_chars), trainer=trainer)
