@@ -21,8 +21,9 @@ class BlockLoader:
     """Infinite (train) or single-pass (validation) iterator of micro-batch dicts.
 
     Document i of an epoch's order belongs to rank i % world. The epoch order is a seeded
-    permutation of the stream's shards, so `state_dict()` (epoch, next document, packer
-    carry, masking RNG) is enough to continue exactly where a run stopped.
+    permutation of the stream's shards, and training blocks pass through a seeded shuffle
+    buffer, so `state_dict()` (epoch, next document, packer carry, buffer, RNGs) is enough
+    to continue exactly where a run stopped.
     """
 
     def __init__(self, stream: datasets.IterableDataset, tok: Tokenizer, arch: str,
@@ -41,6 +42,8 @@ class BlockLoader:
             self.packer = Packer(cfg.seq_len, self.specials["sep"], self.specials["cls"],
                                  self.specials["sep"])
         self.mask_gen = torch.Generator().manual_seed(seed * 1009 + rank)
+        self.shuffle_rng = np.random.default_rng([seed, rank])
+        self.buffer: list[np.ndarray] = []
         self._blocks: Iterator[np.ndarray] | None = None
 
     def _epoch_stream(self) -> datasets.IterableDataset:
@@ -71,12 +74,28 @@ class BlockLoader:
                 return
             self.epoch, self.next_doc = self.epoch + 1, 0
 
+    def _shuffled(self, blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """A buffer of blocks drawn from at random, so a batch mixes many documents. The
+        buffer and its RNG are part of the state: a resume continues the same draws."""
+        size = self.cfg.shuffle_buffer if self.train else 0
+        for b in blocks:
+            if len(self.buffer) < size:
+                self.buffer.append(b)
+                continue
+            if not self.buffer:
+                yield b
+                continue
+            i = int(self.shuffle_rng.integers(len(self.buffer)))
+            # Swap before yielding: while suspended, the state must already hold `b`.
+            out, self.buffer[i] = self.buffer[i], b
+            yield out
+
     def __iter__(self) -> "BlockLoader":
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._blocks is None:
-            self._blocks = self._gen_blocks()
+            self._blocks = self._shuffled(self._gen_blocks())
         blocks = [b for _, b in zip(range(self.micro_batch_size), self._blocks)]
         if len(blocks) < self.micro_batch_size:
             raise StopIteration
@@ -90,7 +109,9 @@ class BlockLoader:
         """Position after the last batch returned; valid between batches."""
         return {"epoch": self.epoch, "next_doc": self.next_doc, "rank": self.rank,
                 "world": self.world, "carry": list(self.packer.carry),
-                "mask_rng": self.mask_gen.get_state().tolist()}
+                "mask_rng": self.mask_gen.get_state().tolist(),
+                "buffer": [b.tolist() for b in self.buffer],
+                "shuffle_rng": self.shuffle_rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; it must come from the same rank layout."""
@@ -100,4 +121,6 @@ class BlockLoader:
         self.epoch, self.next_doc = state["epoch"], state["next_doc"]
         self.packer.carry = list(state["carry"])
         self.mask_gen.set_state(torch.tensor(state["mask_rng"], dtype=torch.uint8))
+        self.buffer = [np.asarray(b, dtype=np.int64) for b in state["buffer"]]
+        self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
         self._blocks = None
