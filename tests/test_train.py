@@ -24,7 +24,7 @@ def test_gpt_run_trains_and_writes_the_run_directory(tmp_path: Path) -> None:
     run_train(run, *TINY, "trainer.max_steps=40", "trainer.log_every=10",
               "trainer.eval_every=20", "optim.lr=3e-3")
     for name in ["config.yaml", "metrics.jsonl", "tokenizer.json", "summary.json",
-                 "ds_config.json", "sample.txt", "checkpoints/latest"]:
+                 "ds_config.json", "sample.txt", "checkpoints/latest", "report.png"]:
         assert (run / name).is_file(), name
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 10, 20, 30, 40]

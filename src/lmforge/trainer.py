@@ -256,6 +256,10 @@ class Trainer:
             write_summary(self.run_dir, self.summary)
             for s in sinks:
                 s.close()
+            if (self.run_dir / "metrics.jsonl").is_file():
+                from lmforge.report import write_report  # matplotlib: only when needed
+
+                write_report(self.run_dir / "metrics.jsonl", self.run_dir / "report.png")
             if text is not None:
                 print(f"\n--- sample (step {self.step}) ---\n{text}\n---", flush=True)
 
