@@ -27,26 +27,32 @@ PEAK_TFLOPS = {
 }
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token: every Linear and the LM head."""
-    d, L = cfg.d_model, cfg.n_layers
-    hd = d // cfg.n_heads
-    kv = (cfg.n_kv_heads or cfg.n_heads) * hd
+def block_matmul_params(cfg: ModelConfig) -> int:
+    """Parameters of the transformer blocks' Linear layers (what activation checkpointing
+    recomputes)."""
+    d = cfg.d_model
+    kv = (cfg.n_kv_heads or cfg.n_heads) * (d // cfg.n_heads)
     d_ff = cfg.d_ff or 4 * d
     attn = d * (d + 2 * kv) + d * d
     mlp = (3 if cfg.activation == "swiglu" else 2) * d * d_ff
+    return cfg.n_layers * (attn + mlp)
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: every Linear and the LM head."""
+    d = cfg.d_model
     head = d * cfg.vocab_size + (d * d if cfg.arch == "bert" else 0)  # BERT: MLM transform
-    return L * (attn + mlp) + head
+    return block_matmul_params(cfg) + head
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: bool = False) -> float:
     """Training FLOPs per token (PaLM appendix B): 6N for the matmuls plus 12*L*d*T for
-    attention scores and values; recomputing activations adds one more forward (2N + 4LdT)."""
-    n = matmul_params(cfg)
+    attention scores and values. Recomputing activations repeats the blocks' forward
+    (not the head's): + 2*N_blocks + 4*L*d*T, hardware FLOPs rather than model FLOPs."""
     attn = 12 * cfg.n_layers * cfg.d_model * seq_len
-    total = 6 * n + attn
+    total = 6 * matmul_params(cfg) + attn
     if recompute:
-        total += 2 * n + attn // 3
+        total += 2 * block_matmul_params(cfg) + attn // 3
     return float(total)
 
 

@@ -1,0 +1,145 @@
+"""metrics.py against independent numbers: FLOPs per token vs torch's FlopCounterMode, the
+GPU peak table, the cached CPU peak, the Throughput meter on a fake clock; and report.py."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import set_checkpoint_early_stop
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import compose
+from lmforge.config import ModelConfig
+from lmforge.metrics import (PEAK_TFLOPS, Throughput, flops_per_token, measure_cpu_peak_tflops,
+                             peak_tflops)
+from lmforge.models import build_model
+from lmforge.report import write_report
+
+SEQ_LEN, BATCH = 128, 2
+# The shipped tiny presets at a real vocabulary: the head is ~40% of the matmul parameters,
+# as in small real models, so a head counted wrongly shows well beyond 5%.
+PRESETS = ["gpt_tiny", "llama_tiny", "bert_tiny"]
+
+
+def model_cfg(preset: str) -> ModelConfig:
+    return compose([f"model={preset}", "model.vocab_size=8192",
+                    f"data.seq_len={SEQ_LEN}"]).model
+
+
+def counted_flops(cfg: ModelConfig, recompute: bool = False) -> int:
+    """Matmul FLOPs of one training forward+backward, counted by torch."""
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    model.gradient_checkpointing = recompute
+    ids = torch.randint(cfg.vocab_size, (BATCH, SEQ_LEN))
+    # Every position labelled: BERT's MLM head then runs on all tokens, as the formula assumes
+    # (in training it runs on the ~15% masked positions only).
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    counter = FlopCounterMode(display=False)
+    # MATH backend: FlopCounterMode has no entry for the CPU flash kernel
+    # (aten._scaled_dot_product_flash_attention_for_cpu) and would count attention as 0. The
+    # math path computes the full T x T scores even when causal, which is the formula's
+    # (PaLM appendix B) convention: 12*L*d*T per token, causal masking not discounted.
+    # Early stop off: otherwise checkpoint's recompute skips each block's last matmul when its
+    # output is not needed by backward (pre-LN MLP down-projection), 2*d*d_ff per layer less.
+    with sdpa_kernel(SDPBackend.MATH), set_checkpoint_early_stop(False), counter:
+        model(batch).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_flops_per_token_matches_flop_counter(preset: str) -> None:
+    cfg = model_cfg(preset)
+    want = flops_per_token(cfg, SEQ_LEN) * BATCH * SEQ_LEN
+    assert counted_flops(cfg) == pytest.approx(want, rel=0.05)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_recompute_flops_match_flop_counter(preset: str) -> None:
+    cfg = model_cfg(preset)
+    want = flops_per_token(cfg, SEQ_LEN, recompute=True) * BATCH * SEQ_LEN
+    assert counted_flops(cfg, recompute=True) == pytest.approx(want, rel=0.05)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_recompute_is_one_more_forward_of_the_blocks(preset: str) -> None:
+    """What the recompute term should be, from the counter alone: 2*N_blocks + 4*L*d*T."""
+    cfg = model_cfg(preset)
+    head = cfg.d_model * cfg.vocab_size + (cfg.d_model ** 2 if cfg.arch == "bert" else 0)
+    fwd = flops_per_token(cfg, SEQ_LEN) / 3  # 2N + 4LdT
+    extra = (counted_flops(cfg, recompute=True) - counted_flops(cfg)) / (BATCH * SEQ_LEN)
+    assert extra == pytest.approx(fwd - 2 * head, rel=1e-6)
+
+
+@pytest.mark.parametrize("name,key", [("NVIDIA H100 80GB HBM3", "H100 SXM"),
+                                      ("NVIDIA H100 PCIe", "H100 PCIe"),
+                                      ("NVIDIA A100-SXM4-80GB", "A100"),
+                                      ("NVIDIA H200", "H200")])
+def test_peak_table_matches_device_names(monkeypatch, name: str, key: str) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda", 0)
+    for dtype in ("bf16", "fp32"):
+        assert peak_tflops(cuda, dtype) == PEAK_TFLOPS[key][dtype]
+    assert peak_tflops(cuda, "bf16", override=123.0) == 123.0
+
+
+def test_unknown_gpu_gives_zero_peak(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert peak_tflops(torch.device("cuda", 0), "bf16") == 0.0
+
+
+def test_cpu_peak_is_measured_once_and_cached(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = measure_cpu_peak_tflops(torch.float32, n=128, reps=2)
+    cache = tmp_path / "lmforge" / "peak.json"
+    assert first > 0 and cache.is_file()
+    # A sentinel in the cache comes back unchanged only if nothing is measured again.
+    table = json.loads(cache.read_text())
+    assert list(table.values()) == [first]
+    table = {k: 4242.0 for k in table}
+    cache.write_text(json.dumps(table))
+    assert measure_cpu_peak_tflops(torch.float32, n=128, reps=2) == 4242.0
+    assert peak_tflops(torch.device("cpu"), "fp32") == 4242.0  # the key has no n
+    assert peak_tflops(torch.device("cpu"), "fp32", override=7.0) == 7.0
+
+
+def test_throughput_meter_arithmetic(monkeypatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    meter = Throughput(flops_per_token=2e9, world_size=2, peak_tflops=4.0,
+                       device=torch.device("cpu"))  # t0 = 100
+    meter.update(tokens=8192, samples=32, data_wait_s=0.5)
+    meter.update(tokens=8192, samples=32, data_wait_s=0.5)
+    now[0] = 104.0
+    out = meter.report()  # a 4 s window; then a new one starts at 104
+    assert out["tokens_per_s"] == 4096.0 and out["tokens_per_s_per_device"] == 2048.0
+    assert out["samples_per_s"] == 16.0 and out["step_time_s"] == 2.0
+    assert out["tflops"] == pytest.approx(2048 * 2e9 / 1e12)  # per device: 4.096
+    assert out["mfu"] == pytest.approx(4.096 / 4.0)
+    assert out["data_wait_frac"] == 0.25 and out["mem_rss_gb"] > 0
+    assert meter.t0 == 104.0 and meter.tokens == meter.steps == 0
+
+
+def test_mfu_is_zero_without_a_peak(monkeypatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    meter = Throughput(1e9, 1, 0.0, torch.device("cpu"))
+    meter.update(1000, 4, 0.0)
+    now[0] = 1.0
+    assert meter.report()["mfu"] == 0.0
+
+
+def test_report_writes_png_from_partial_rows(tmp_path: Path) -> None:
+    rows = [{"step": 1, "loss": 9.0, "tokens_per_s": 1000.0, "mfu": 0.1},
+            {"step": 10, "loss": 7.5, "tokens_per_s": 1200.0},  # no mfu
+            {"step": 20, "loss": 6.0, "mfu": None, "val_loss": 6.2},
+            {"step": 30, "val_loss": 5.9}]  # eval-only row
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"step\": 40, \"lo")  # torn
+    out = write_report(jsonl, tmp_path / "plots" / "report.png")
+    assert out == tmp_path / "plots" / "report.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
