@@ -72,9 +72,9 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> dict[int, float]:
-    """Per-step losses of an uninterrupted 16-step run."""
+    """Per-step losses of an uninterrupted 40-step run."""
     run = tmp_path_factory.mktemp("straight") / "run"
-    run_train(run, *RUN, "trainer.max_steps=16")
+    run_train(run, *RUN, "trainer.max_steps=40")
     return {r["step"]: r["loss"] for r in read_metrics(run)}
 
 
@@ -84,17 +84,17 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", [3, 7, 11])
+@pytest.mark.parametrize("kill_at", [12, 21, 29])
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path: Path, straight, kill_at: int) -> None:
     run = tmp_path / "run"
-    proc = _spawn(run, *RUN, "trainer.max_steps=16", "trainer.save_every=2")
+    proc = _spawn(run, *RUN, "trainer.max_steps=40", "trainer.save_every=4")
     _wait_for_step(run, kill_at, proc)
     proc.kill()  # SIGKILL: no handler runs, possibly in the middle of a save
     proc.wait()
     resumed_from = latest_good(run / "checkpoints")
-    run_train(run, *RUN, "trainer.max_steps=16", "trainer.save_every=2")
+    run_train(run, *RUN, "trainer.max_steps=40", "trainer.save_every=4")
     losses = _losses(run)
-    assert sorted(losses) == list(range(1, 17))
+    assert sorted(losses) == list(range(1, 41))
     assert losses == straight  # bit-exact on one process
     assert resumed_from is None or verify(resumed_from) is None
 
@@ -103,10 +103,10 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path: Path, straight, kill_
 def test_kill_during_a_save_keeps_a_loadable_latest(tmp_path: Path, straight) -> None:
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
-    proc = _spawn(run, *RUN, "trainer.max_steps=16", "trainer.save_every=1")
+    proc = _spawn(run, *RUN, "trainer.max_steps=40", "trainer.save_every=1")
     caught = False
     while proc.poll() is None and not caught:
-        if ckpts.is_dir() and any(n.startswith(".tmp-step_0000000") and n > ".tmp-step_00000002"
+        if ckpts.is_dir() and any(n.startswith(".tmp-step_000000") and n > ".tmp-step_00000010"
                                   for n in os.listdir(ckpts)):
             proc.kill()  # a save is in flight
             caught = True
@@ -116,15 +116,15 @@ def test_kill_during_a_save_keeps_a_loadable_latest(tmp_path: Path, straight) ->
     good = latest_good(ckpts)
     assert good is not None and verify(good) is None
     assert (good / "config.yaml").is_file() and (good / "tokenizer.json").is_file()
-    run_train(run, *RUN, "trainer.max_steps=16", "trainer.save_every=1")
+    run_train(run, *RUN, "trainer.max_steps=40", "trainer.save_every=1")
     assert _losses(run) == straight
 
 
 @pytest.mark.slow
 def test_sigusr1_saves_and_exits_for_requeue(tmp_path: Path, straight) -> None:
     run = tmp_path / "run"
-    proc = _spawn(run, *RUN, "trainer.max_steps=16")
-    _wait_for_step(run, 4, proc)
+    proc = _spawn(run, *RUN, "trainer.max_steps=40")
+    _wait_for_step(run, 15, proc)
     sent = time.time()
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=60)
@@ -132,8 +132,8 @@ def test_sigusr1_saves_and_exits_for_requeue(tmp_path: Path, straight) -> None:
     assert time.time() - sent < 60
     ckpt = latest_good(run / "checkpoints")
     stopped_at = max(_losses(run))
-    assert ckpt is not None and ckpt.name == f"step_{stopped_at:08d}" and stopped_at < 16
-    proc = run_train(run, *RUN, "trainer.max_steps=16")
+    assert ckpt is not None and ckpt.name == f"step_{stopped_at:08d}" and stopped_at < 40
+    proc = run_train(run, *RUN, "trainer.max_steps=40")
     assert f"resumed from {ckpt}" in proc.stderr
     assert _losses(run) == straight
 
@@ -145,7 +145,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path: Path, straight) -> None
     shard = run / "checkpoints/step_00000008/mp_rank_00_model_states.pt"
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
-    proc = run_train(run, *RUN, "trainer.max_steps=16", "trainer.save_every=4")
+    proc = run_train(run, *RUN, "trainer.max_steps=40", "trainer.save_every=4")
     assert "skipping checkpoint" in proc.stderr and "step_00000004" in proc.stderr
     assert _losses(run) == straight
 

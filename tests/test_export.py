@@ -31,7 +31,8 @@ def export_ok(src: Path, out: Path, capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("model, parallel", [
     ("gpt_tiny", "zero0"), ("gpt_tiny", "zero1"), ("gpt_tiny", "zero3"),
-    ("llama_tiny", "zero3"), ("bert_tiny", "zero3")])
+    ("llama_tiny", "zero1"), ("llama_tiny", "zero3"), ("bert_tiny", "zero1"),
+    ("bert_tiny", "zero3")])
 def test_round_trip_through_transformers(tmp_path: Path, model: str, parallel: str,
                                          capsys: pytest.CaptureFixture) -> None:
     transformers = pytest.importorskip("transformers")
