@@ -281,16 +281,18 @@ def main() -> None:
                 c["flops_per_token"] = fpt
                 c["mfu"] = {k: v * fpt / (peaks[dtype] * 1e12) for k, v in c["tokens_per_s"].items()}
                 results[f"{arch} {dtype}"] = c
+                write_json(results, peaks, threads, time.perf_counter() - start, a.out)
                 print(f"  {arch} {dtype}: {time.perf_counter() - t:.0f}s, median step s " +
                       " ".join(f"{k} {statistics.median(v):.3f}" for k, v in c["step_s"].items()),
                       flush=True)
     distributed.teardown()
-    report(results, peaks, threads, time.perf_counter() - start, a.out)
+    report(results, time.perf_counter() - start)
+    write_json(results, peaks, threads, time.perf_counter() - start, a.out)
+    print(f"wrote {a.out}")
 
 
-def report(results: dict[str, Any], peaks: dict[str, float], threads: int, wall_s: float,
-           out: Path) -> None:
-    """Print the table and write the JSON."""
+def report(results: dict[str, Any], wall_s: float) -> None:
+    """Print the table."""
     print(f"\n{'model dtype':11s} {'tokens/s: lmforge':>17s} {'plain':>7s} {'hf':>7s}   "
           f"{'lmf/plain':>9s} {'lmf/hf':>7s}   MFU lmforge / plain / hf")
     for key, c in results.items():
@@ -301,15 +303,19 @@ def report(results: dict[str, Any], peaks: dict[str, float], threads: int, wall_
     load = os.getloadavg()
     print("tokens/s from the median timed step; ratios: median of paired per-step speed ratios")
     print(f"total {wall_s:.0f}s; load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+
+
+def write_json(results: dict[str, Any], peaks: dict[str, float], threads: int, wall_s: float,
+               out: Path) -> None:
+    """Results so far (rewritten after every model/dtype cell) with the run's conditions."""
     import transformers
 
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "transformers": transformers.__version__,
             "threads": threads, "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "peak_tflops": peaks, "wall_s": round(wall_s, 1),
-            "loadavg_end": load, "python": sys.version.split()[0]}
+            "loadavg": os.getloadavg(), "python": sys.version.split()[0]}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -39,15 +39,19 @@ def counted_flops(cfg: ModelConfig, recompute: bool = False) -> int:
     # Every position labelled: BERT's MLM head then runs on all tokens, as the formula assumes
     # (in training it runs on the ~15% masked positions only).
     batch = {"input_ids": ids, "labels": ids.clone()}
-    counter = FlopCounterMode(display=False)
+    counter, threads = FlopCounterMode(display=False), torch.get_num_threads()
+    torch.set_num_threads(1)  # counts do not depend on it; 2 busy threads can be ~10x slower
     # MATH backend: FlopCounterMode has no entry for the CPU flash kernel
     # (aten._scaled_dot_product_flash_attention_for_cpu) and would count attention as 0. The
     # math path computes the full T x T scores even when causal, which is the formula's
     # (PaLM appendix B) convention: 12*L*d*T per token, causal masking not discounted.
     # Early stop off: otherwise checkpoint's recompute skips each block's last matmul when its
     # output is not needed by backward (pre-LN MLP down-projection), 2*d*d_ff per layer less.
-    with sdpa_kernel(SDPBackend.MATH), set_checkpoint_early_stop(False), counter:
-        model(batch).backward()
+    try:
+        with sdpa_kernel(SDPBackend.MATH), set_checkpoint_early_stop(False), counter:
+            model(batch).backward()
+    finally:
+        torch.set_num_threads(threads)
     return counter.get_total_flops()
 
 
