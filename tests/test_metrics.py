@@ -20,7 +20,7 @@ from lmforge.models import build_model
 from lmforge.report import write_report
 
 SEQ_LEN, BATCH = 128, 2
-# The shipped tiny presets at a real vocabulary: the head is ~40% of the matmul parameters,
+# The shipped tiny presets at a real vocabulary: the head is 40-70% of the matmul parameters,
 # as in small real models, so a head counted wrongly shows well beyond 5%.
 PRESETS = ["gpt_tiny", "llama_tiny", "bert_tiny"]
 
