@@ -73,9 +73,18 @@ def lr_lambda(optim: OptimConfig, max_steps: int):
 
 
 def check_precision(dtype: str, device: torch.device) -> None:
-    """fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 path)."""
-    if dtype == "fp16" and device.type != "cuda":
-        raise ConfigError("precision=fp16 needs a CUDA GPU; on CPU use precision=bf16 or fp32")
+    """A dtype DeepSpeed's accelerator cannot run is a config error, said before any set-up
+    (on CPU, fp16 needs oneDNN fp16 support, e.g. AVX512-FP16 or AMX-FP16)."""
+    if dtype == "fp32":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    ok = acc.is_fp16_supported() if dtype == "fp16" else acc.is_bf16_supported()
+    if not ok:
+        instead = "precision=bf16 or precision=fp32" if dtype == "fp16" else "precision=fp32"
+        raise ConfigError(f"precision={dtype} is not supported on this {device.type} device "
+                          f"(DeepSpeed's accelerator says so); use {instead}")
 
 
 class Engine:
