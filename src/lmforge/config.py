@@ -37,13 +37,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # embedded | files | hub
+    source: str = "embedded"  # embedded | files | hub | shards
     paths: list[str] = field(default_factory=list)  # files or globs for source=files
     format: str = "auto"  # auto | text | json | parquet
     text_field: str = "text"
     hub_name: Optional[str] = None  # datasets hub name for source=hub
     hub_config: Optional[str] = None
     hub_split: str = "train"
+    shards_dir: Optional[str] = None  # lmforge-prepare shards output for source=shards
     seq_len: int = 256
     val_percent: float = 2.0  # documents held out for validation, chosen by content hash
     shuffle_buffer: int = 1024  # training blocks mixed at random (0 = in stream order)
@@ -151,7 +152,7 @@ CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.activation": ("gelu_tanh", "gelu", "swiglu"),
     "model.pos_emb": ("learned", "rope"),
-    "data.source": ("embedded", "files", "hub"),
+    "data.source": ("embedded", "files", "hub", "shards"),
     "data.format": ("auto", "text", "json", "parquet"),
     "tokenizer.kind": ("auto", "bpe", "wordpiece"),
     "parallel.zero_stage": (0, 1, 2, 3),
@@ -208,6 +209,9 @@ def validate(cfg: Any) -> None:
            f"data.mlm_probability={d.mlm_probability} must be in (0, 1)")
     if d.source == "files":
         _check(len(d.paths) > 0, "data.source=files needs data.paths=[file_or_glob,...]")
+    if d.source == "shards":
+        _check(bool(d.shards_dir), "data.source=shards needs data.shards_dir=<lmforge-prepare "
+               "shards output>")
     if d.source == "hub":
         _check(bool(d.hub_name), "data.source=hub needs data.hub_name=<dataset on the hub>")
     if cfg.tokenizer.kind != "auto":

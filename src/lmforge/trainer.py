@@ -18,8 +18,9 @@ from tokenizers import Tokenizer
 from lmforge import checkpoint, distributed
 from lmforge.config import ConfigError, TrainConfig
 from lmforge.data.loader import BlockLoader
+from lmforge.data.shards import ShardLoader, ShardSet, file_sha256, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
-from lmforge.data.tokenizer import kind_for, load_tokenizer, train_tokenizer
+from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids, train_tokenizer
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine
 from lmforge.loggers import build_sinks
@@ -43,15 +44,24 @@ def on_main(info: DistInfo, fn: Callable[[], Any]) -> None:
 
 
 def build_tokenizer(cfg: TrainConfig, run_dir: Path, info: DistInfo, stream) -> Tokenizer:
-    """The run's tokenizer.json: kept from an earlier run, copied from tokenizer.path, or
-    trained by rank 0 on the training split."""
+    """The run's tokenizer.json: kept from an earlier run, copied from tokenizer.path or from
+    the shards, or trained by rank 0 on the training split."""
     out = run_dir / "tokenizer.json"
     kind = kind_for(cfg.model.arch, cfg.tokenizer.kind)
+    source = cfg.tokenizer.path
+    if cfg.data.source == "shards":
+        source = str(Path(cfg.data.shards_dir) / "tokenizer.json")
+        want = read_manifest(Path(cfg.data.shards_dir))["tokenizer_sha256"]
+        for path in filter(None, [source, cfg.tokenizer.path]):
+            if not Path(path).is_file() or file_sha256(Path(path)) != want:
+                raise ConfigError(f"{path} is not the tokenizer the shards in "
+                                  f"{cfg.data.shards_dir} were made with; leave tokenizer.path "
+                                  "unset or re-run lmforge-prepare shards")
 
     def make() -> None:
-        if cfg.tokenizer.path:
-            load_tokenizer(cfg.tokenizer.path)  # fails clearly before copying
-            shutil.copyfile(cfg.tokenizer.path, out)
+        if source:
+            load_tokenizer(source)  # fails clearly before copying
+            shutil.copyfile(source, out)
         elif not out.is_file():
             t = time.perf_counter()
             texts = (d for _, d in iter_documents(stream, "train", cfg.data.val_percent))
@@ -62,6 +72,35 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path, info: DistInfo, stream) -> 
 
     on_main(info, make)
     return load_tokenizer(out)
+
+
+def load_corpus(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """(stream for on-the-fly tokenization or None for shards, description of the corpus)."""
+    if cfg.data.source != "shards":
+        return load_stream(cfg.data)
+    manifest = read_manifest(Path(cfg.data.shards_dir))
+    return None, {"source": "shards", "dir": cfg.data.shards_dir,
+                  "tokens": {s: v["tokens"] for s, v in manifest["splits"].items()},
+                  "prepared_from": manifest["corpus"]}
+
+
+def build_loaders(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, stream: Any
+                  ) -> tuple[Any, Any]:
+    """Training and validation loaders, from shards or tokenizing `stream` on the fly."""
+    t, d, arch = cfg.trainer, cfg.data, cfg.model.arch
+    if d.source != "shards":
+        return tuple(BlockLoader(stream, tok, arch, d, t.micro_batch_size, info.rank,
+                                 info.world_size, t.seed, split=split)
+                     for split in ("train", "validation"))
+    specials = special_ids(tok, kind_for(arch))
+    manifest = read_manifest(Path(d.shards_dir))
+    if manifest["sep_id"] != specials["eos" if arch == "gpt" else "sep"]:
+        raise ConfigError(f"the shards in {d.shards_dir} were prepared for a "
+                          f"{manifest['kind']} tokenizer, not for model.arch={arch}")
+    return tuple(ShardLoader(ShardSet(d.shards_dir, split), arch, specials, d.seq_len,
+                             t.micro_batch_size, info.rank, info.world_size, t.seed,
+                             train=split == "train", mlm_probability=d.mlm_probability)
+                 for split in ("train", "validation"))
 
 
 def model_state_gb(n_params: int, dtype: str, stage: int, world: int) -> float:
@@ -104,7 +143,8 @@ class Trainer:
     """Owns the loop; everything it needs is built by `build()`."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, tok: Tokenizer,
-                 engine: Engine, loader: BlockLoader, val_batches: list, summary: dict) -> None:
+                 engine: Engine, loader: BlockLoader | ShardLoader, val_batches: list,
+                 summary: dict) -> None:
         self.cfg, self.run_dir, self.info, self.tok = cfg, run_dir, info, tok
         self.engine, self.loader, self.val_batches, self.summary = engine, loader, val_batches, summary
         self.ckpt_dir = run_dir / "checkpoints"
@@ -277,7 +317,7 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 
 def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     """Tokenizer, model, summary, and (unless max_steps=0: a dry run) data and engine."""
-    stream, corpus = load_stream(cfg.data)
+    stream, corpus = load_corpus(cfg)
     tok = build_tokenizer(cfg, run_dir, info, stream)
     vocab = tok.get_vocab_size()
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
@@ -309,10 +349,7 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
                     t.max_steps, info.world_size, info.device)
     if info.is_main:
         (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
-    loader = BlockLoader(stream, tok, cfg.model.arch, cfg.data, t.micro_batch_size,
-                         info.rank, info.world_size, t.seed)
-    val = BlockLoader(stream, tok, cfg.model.arch, cfg.data, t.micro_batch_size,
-                      info.rank, info.world_size, t.seed, split="validation")
+    loader, val = build_loaders(cfg, info, tok, stream)
     val_batches = [b for _, b in zip(range(t.eval_batches), val)]
     # Equal counts on every rank: ZeRO-3 forwards are collectives.
     val_batches = val_batches[:distributed.all_reduce_min(len(val_batches), info.device)]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.config import DataConfig
+from lmforge.config import ConfigError, DataConfig
 from lmforge.data.packing import Packer, bert_batch, gpt_batch
 from lmforge.data.sources import iter_documents
 from lmforge.data.tokenizer import kind_for, special_ids
@@ -107,7 +107,7 @@ class BlockLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch returned; valid between batches."""
-        return {"epoch": self.epoch, "next_doc": self.next_doc, "rank": self.rank,
+        return {"kind": "stream", "epoch": self.epoch, "next_doc": self.next_doc, "rank": self.rank,
                 "world": self.world, "carry": list(self.packer.carry),
                 "mask_rng": self.mask_gen.get_state().tolist(),
                 "buffer": [b.tolist() for b in self.buffer],
@@ -115,9 +115,14 @@ class BlockLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; it must come from the same rank layout."""
+        if state.get("kind", "stream") != "stream":
+            raise ConfigError("the checkpoint's data position is from pre-tokenized shards; "
+                              "resume with data.source=shards as it was saved")
         if (state["rank"], state["world"]) != (self.rank, self.world):
-            raise ValueError(f"loader state is for rank {state['rank']} of {state['world']}, "
-                             f"not rank {self.rank} of {self.world}")
+            raise ConfigError(f"the checkpoint's data position is for rank {state['rank']} of "
+                              f"{state['world']}, not rank {self.rank} of {self.world}: "
+                              "on-the-fly data resumes only with the same number of ranks "
+                              "(data.source=shards resumes with any)")
         self.epoch, self.next_doc = state["epoch"], state["next_doc"]
         self.packer.carry = list(state["carry"])
         self.mask_gen.set_state(torch.tensor(state["mask_rng"], dtype=torch.uint8))

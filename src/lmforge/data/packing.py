@@ -78,3 +78,19 @@ def bert_batch(blocks: list[np.ndarray], generator: torch.Generator, mask_id: in
     batch = mask_tokens(x, generator, mask_id, vocab_size, special_ids, probability)
     batch["token_type_ids"] = torch.zeros_like(x)
     return batch
+
+
+def bert_batch_seeded(blocks: list[np.ndarray], keys: list[tuple[int, ...]], mask_id: int,
+                      vocab_size: int, special_ids: list[int], probability: float
+                      ) -> dict[str, torch.Tensor]:
+    """As bert_batch, but each row's mask comes from its own generator seeded by its key, so
+    a sample's mask does not depend on which batch or rank it lands in."""
+    rows = []
+    for block, key in zip(blocks, keys):
+        seed = int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
+        gen = torch.Generator().manual_seed(seed)
+        rows.append(mask_tokens(torch.from_numpy(block)[None], gen, mask_id, vocab_size,
+                                special_ids, probability))
+    batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels")}
+    batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    return batch

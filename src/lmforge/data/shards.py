@@ -1,0 +1,261 @@
+"""Pre-tokenized corpora. `write_shards` tokenizes a corpus once into raw token files
+(uint16 when the vocab fits, else uint32) with a document index and a manifest;
+`ShardLoader` memory-maps them and cuts blocks by *global sample index*: sample i of the
+run is block perm_epoch[i mod n_blocks], and rank r of w takes samples
+[c + r*mb, c + (r+1)*mb) of each global micro-step starting at c. A batch therefore does
+not depend on how many ranks read it, and the loader state is one integer."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from lmforge.config import ConfigError
+from lmforge.data.packing import bert_batch_seeded, gpt_batch
+
+FORMAT = "lmforge-shards/1"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation")
+log = logging.getLogger("lmforge")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _SplitWriter:
+    """Appends documents (each followed by `sep_id`) to numbered shard files of about
+    `shard_tokens` tokens; each shard gets an index of document start offsets."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, sep_id: int,
+                 shard_tokens: int) -> None:
+        self.out, self.split, self.dtype, self.sep = out, split, dtype, sep_id
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._file = None
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._name, self._file, self._hash = name, open(self.out / name, "wb"), hashlib.sha256()
+        self._starts: list[int] = []
+        self._tokens = 0
+
+    def add(self, ids: list[int]) -> None:
+        if self._file is None:
+            self._open()
+        arr = np.asarray(ids + [self.sep], dtype=self.dtype)
+        data = arr.tobytes()
+        self._file.write(data)
+        self._hash.update(data)
+        self._starts.append(self._tokens)
+        self._tokens += len(arr)
+        if self._tokens >= self.shard_tokens:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._file.close()
+        index = self._name.replace(".bin", ".idx.npy")
+        np.save(self.out / index, np.asarray(self._starts + [self._tokens], dtype=np.int64))
+        self.shards.append({"file": self._name, "index": index, "tokens": self._tokens,
+                            "docs": len(self._starts), "sha256": self._hash.hexdigest()})
+        self._file = None
+
+    def close(self) -> dict[str, Any]:
+        if self._file is not None:
+            self._close_shard()
+        return {"tokens": sum(s["tokens"] for s in self.shards),
+                "docs": sum(s["docs"] for s in self.shards), "shards": self.shards}
+
+
+def write_shards(docs: Iterable[tuple[str, str]], tok_path: Path, out: Path, sep_id: int,
+                 kind: str, corpus: dict[str, Any], shard_tokens: int = 100_000_000,
+                 batch_docs: int = 256) -> dict[str, Any]:
+    """Tokenize (split, text) pairs into shards under `out`; returns the manifest.
+
+    Memory holds one batch of documents. Everything is written to `out`.tmp and renamed at
+    the end, so an interrupted run never leaves a directory that looks complete."""
+    if out.exists():
+        raise ConfigError(f"{out} already exists; remove it or choose another output directory")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok = Tokenizer.from_file(str(tok_path))
+    vocab = tok.get_vocab_size()
+    dtype = token_dtype(vocab)
+    writers = {s: _SplitWriter(tmp, s, dtype, sep_id, shard_tokens) for s in SPLITS}
+    pending: dict[str, list[str]] = {s: [] for s in SPLITS}
+    start = time.perf_counter()
+
+    def flush(split: str) -> None:
+        for enc in tok.encode_batch(pending[split], add_special_tokens=False):
+            writers[split].add(enc.ids)
+        pending[split] = []
+
+    for split, text in docs:
+        pending[split].append(text)
+        if len(pending[split]) >= batch_docs:
+            flush(split)
+    for split in SPLITS:
+        flush(split)
+    manifest = {"format": FORMAT, "kind": kind, "vocab_size": vocab, "dtype": dtype.name,
+                "sep_id": sep_id, "tokenizer_sha256": file_sha256(tok_path),
+                "corpus": corpus, "splits": {s: w.close() for s, w in writers.items()},
+                "wall_s": round(time.perf_counter() - start, 2)}
+    shutil.copyfile(tok_path, tmp / "tokenizer.json")
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out)
+    return manifest
+
+
+class ShardSet:
+    """The shards of one split, memory-mapped and checked against the manifest."""
+
+    def __init__(self, root: str | Path, split: str) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.vocab_size = self.manifest["vocab_size"]
+        entries = self.manifest["splits"][split]["shards"]
+        self.files, self.maps = [], []
+        for e in entries:
+            path = self.root / e["file"]
+            want = e["tokens"] * self.dtype.itemsize
+            size = path.stat().st_size if path.is_file() else -1
+            if size != want:
+                raise ConfigError(f"shard {path} is {'missing' if size < 0 else f'{size} bytes'}"
+                                  f", the manifest says {want}: it is truncated or damaged; "
+                                  "re-run lmforge-prepare shards")
+            self.files.append(path)
+            self.maps.append(np.memmap(path, dtype=self.dtype, mode="r") if want else
+                             np.zeros(0, self.dtype))
+        self.starts = np.cumsum([0] + [e["tokens"] for e in entries])
+        self.n_tokens = int(self.starts[-1])
+
+    def tokens(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start+n) of the split's concatenated stream, as int64."""
+        out = np.empty(n, dtype=np.int64)
+        done = 0
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while done < n:
+            lo = start + done - int(self.starts[k])
+            part = self.maps[k][lo:lo + n - done]
+            out[done:done + len(part)] = part
+            done += len(part)
+            k += 1
+        if n and int(out.max()) >= self.vocab_size:
+            bad = self.files[int(np.searchsorted(self.starts, start, side="right")) - 1]
+            raise ConfigError(f"shard {bad} holds token id {int(out.max())} >= vocab size "
+                              f"{self.vocab_size}: it is corrupted; re-run lmforge-prepare shards")
+        return out
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"data.shards_dir={str(root)!r} has no {MANIFEST}; make one with "
+                          "lmforge-prepare shards")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); re-run lmforge-prepare shards") from None
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def verify_shards(root: Path) -> list[str]:
+    """Every problem found by re-hashing all shards (empty when they match the manifest)."""
+    manifest, problems = read_manifest(root), []
+    for split in SPLITS:
+        for e in manifest["splits"][split]["shards"]:
+            path = root / e["file"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif file_sha256(path) != e["sha256"]:
+                problems.append(f"{path}: sha256 differs from the manifest")
+    tok = root / "tokenizer.json"
+    if not tok.is_file() or file_sha256(tok) != manifest["tokenizer_sha256"]:
+        problems.append(f"{tok}: missing or not the tokenizer the shards were made with")
+    return problems
+
+
+class ShardLoader:
+    """Micro-batches from shards by global sample index (see the module docstring).
+
+    Training samples run over epochs, each a seeded permutation of the split's blocks;
+    validation is one pass in order. BERT masks are drawn from a generator seeded by
+    (seed, sample index): they differ between epochs and do not depend on the rank layout.
+    """
+
+    def __init__(self, shards: ShardSet, arch: str, specials: dict[str, int], seq_len: int,
+                 micro_batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 train: bool = True, mlm_probability: float = 0.15) -> None:
+        self.shards, self.arch, self.specials = shards, arch, specials
+        self.mb, self.rank, self.world, self.seed, self.train = (micro_batch_size, rank, world,
+                                                                 seed, train)
+        self.mlm_probability = mlm_probability
+        self.body = seq_len + 1 if arch == "gpt" else seq_len - 2
+        self.n_blocks = shards.n_tokens // self.body
+        if train and self.n_blocks < world * micro_batch_size:
+            raise ConfigError(f"the shards in {shards.root} hold {self.n_blocks} blocks of "
+                              f"{self.body} tokens, fewer than one global micro-batch "
+                              f"({world}x{micro_batch_size}); prepare more data or lower "
+                              "data.seq_len / trainer.micro_batch_size")
+        self.consumed = 0  # global samples handed out, summed over ranks
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _block(self, i: int) -> np.ndarray:
+        epoch, j = divmod(i, self.n_blocks)
+        if self.train:
+            if self._perm is None or self._perm[0] != epoch:
+                rng = np.random.default_rng([self.seed, epoch])
+                self._perm = (epoch, rng.permutation(self.n_blocks))
+            j = int(self._perm[1][j])
+        body = self.shards.tokens(j * self.body, self.body)
+        if self.arch == "gpt":
+            return body
+        return np.concatenate([[self.specials["cls"]], body, [self.specials["sep"]]])
+
+    def __iter__(self) -> "ShardLoader":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        first = self.consumed + self.rank * self.mb
+        if not self.train and self.consumed + self.world * self.mb > self.n_blocks:
+            raise StopIteration
+        idx = range(first, first + self.mb)
+        blocks = [self._block(i) for i in idx]
+        self.consumed += self.world * self.mb
+        if self.arch == "gpt":
+            return gpt_batch(blocks)
+        s = self.specials
+        return bert_batch_seeded(blocks, [(self.seed, i) for i in idx], s["mask"],
+                                 self.shards.vocab_size, [s["cls"], s["sep"], s["pad"]],
+                                 self.mlm_probability)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Valid for any rank layout: the next global sample index."""
+        return {"kind": "shards", "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "shards":
+            raise ConfigError("the checkpoint's data position is from on-the-fly tokenization, "
+                              "not from shards; resume with the data config it was saved with")
+        self.consumed = int(state["consumed"])
