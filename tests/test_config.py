@@ -17,6 +17,7 @@ GROUPS = ["model", "data", "tokenizer", "optim", "parallel", "precision", "loggi
 def test_every_group_option_composes(group: str, name: str) -> None:
     extra = ["data.hub_name=some/dataset"] if (group, name) == ("data", "hub") else []
     extra += ["data.paths=[x.txt]"] if (group, name) == ("data", "files") else []
+    extra += ["data.shards_dir=shards"] if (group, name) == ("data", "shards") else []
     cfg = compose([f"{group}={name}", *extra])
     assert getattr(cfg, group) is not None
 

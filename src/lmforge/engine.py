@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -56,7 +56,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            (no_decay if p.ndim < 2 or isinstance(module, nn.Embedding) else decay).append(p)
+            ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions are flat
+            (no_decay if ndim < 2 or isinstance(module, nn.Embedding) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -87,34 +88,53 @@ def check_precision(dtype: str, device: torch.device) -> None:
                           f"(DeepSpeed's accelerator says so); use {instead}")
 
 
+def init_distributed(device: torch.device) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def create_model(build: Callable[[], nn.Module], config: dict[str, Any],
+                 device: torch.device) -> nn.Module:
+    """`build()`, except under ZeRO-3: there every rank creates only its partition of each
+    parameter (deepspeed.zero.Init; no rank ever holds the whole model) and the model's
+    initialisation runs again one gathered tensor at a time, drawn on rank 0."""
+    if config["zero_optimization"]["stage"] != 3:
+        return build()
+    import deepspeed
+
+    init_distributed(device)
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = build()
+    model.init_weights(gather=lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=0))
+    return model
+
+
 class Engine:
     """A DeepSpeed engine plus what the trainer asks of it: a step over micro-batches,
     the gradient norm, the learning rate, save and load."""
 
-    def __init__(self, model: nn.Module, parallel: ParallelConfig, precision: PrecisionConfig,
-                 optim: OptimConfig, micro_batch_size: int, grad_accum_steps: int,
-                 max_steps: int, world_size: int, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, config: dict[str, Any], optim: OptimConfig,
+                 activation_checkpointing: bool, max_steps: int, world_size: int,
+                 device: torch.device) -> None:
         import deepspeed
 
-        check_precision(precision.dtype, device)
-        model.gradient_checkpointing = parallel.activation_checkpointing
-        self.config = ds_config(parallel, precision, optim, micro_batch_size,
-                                grad_accum_steps, world_size, device.type == "cuda")
+        model.gradient_checkpointing = activation_checkpointing
+        self.config = config
         # fused: one kernel for all parameters (CPU and CUDA); ~5x faster than the default
         # per-tensor loop on CPU, where the optimizer is a large share of a small model's step.
         opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                                 betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, max_steps))
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        init_distributed(device)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=self.config)
-        if world_size == 1 and parallel.zero_stage == 0:
+        self.stage = config["zero_optimization"]["stage"]
+        if world_size == 1 and self.stage == 0:
             # DeepSpeed flattens and all-reduces gradients even over a group of one: ~25% of
             # a small model's CPU step for nothing.
             self.engine.enable_backward_allreduce = False
         self.device = device
-        self.stage = parallel.zero_stage
-        self.grad_clip = optim.grad_clip
 
     @property
     def module(self) -> nn.Module:
@@ -169,6 +189,19 @@ class Engine:
             total += self.engine(self._to_device(batch)).float()
         self.engine.train()
         return total / max(len(batches), 1)
+
+    def shard_fractions(self) -> dict[str, float]:
+        """This rank's share of the parameters and of the fp32 master weights (whose size the
+        Adam moments share), read from the engine's own partitions."""
+        params = list(self.engine.module.parameters())
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        opt = self.optimizer
+        flat = (getattr(opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+                or getattr(opt, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+                or getattr(opt, "fp32_groups_flat_partition", None))  # bf16, stage 0
+        master = sum(t.numel() for t in flat) if flat else total
+        return {"params": round(local / total, 4), "optimizer_state": round(master / total, 4)}
 
     @property
     def lr(self) -> float:

@@ -22,7 +22,7 @@ from lmforge.data.shards import ShardLoader, ShardSet, file_sha256, read_manifes
 from lmforge.data.sources import iter_documents, load_stream
 from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids, train_tokenizer
 from lmforge.distributed import DistInfo
-from lmforge.engine import Engine
+from lmforge.engine import Engine, create_model, ds_config
 from lmforge.loggers import build_sinks
 from lmforge.metrics import Throughput, flops_per_token, peak_tflops
 from lmforge.models import build_model
@@ -325,11 +325,15 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
                           f"tokenizer's {vocab}; raise it or leave it null")
     cfg.model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
     dry = cfg.trainer.max_steps == 0
-    torch.manual_seed(cfg.trainer.seed)
-    # A dry run sizes the model on the meta device: no memory, any size.
-    with torch.device("meta") if dry else torch.device("cpu"):
-        model = build_model(cfg.model)
-    p, dt = cfg.parallel, cfg.precision.dtype
+    t, p, dt = cfg.trainer, cfg.parallel, cfg.precision.dtype
+    config = ds_config(p, cfg.precision, cfg.optim, t.micro_batch_size, t.grad_accum_steps,
+                       info.world_size, info.device.type == "cuda")
+    torch.manual_seed(t.seed)
+    if dry:  # sized on the meta device: no memory, any size
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+    else:
+        model = create_model(lambda: build_model(cfg.model), config, info.device)
     summary = {"n_params": model.num_params(),
                "n_params_non_embedding": model.num_params(non_embedding=True),
                "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
@@ -339,16 +343,17 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
                "model_state_gb_per_rank": round(model_state_gb(
                    model.num_params(), dt, p.zero_stage, info.world_size), 3)}
     if info.is_main:
-        write_summary(run_dir, summary)
+        (run_dir / "ds_config.json").write_text(json.dumps(config, indent=2) + "\n")
         if dry:
+            write_summary(run_dir, summary)
             write_config(run_dir, cfg)
     if dry:
         return None
-    t = cfg.trainer
-    engine = Engine(model, p, cfg.precision, cfg.optim, t.micro_batch_size, t.grad_accum_steps,
-                    t.max_steps, info.world_size, info.device)
+    engine = Engine(model, config, cfg.optim, p.activation_checkpointing, t.max_steps,
+                    info.world_size, info.device)
+    summary["shard_fractions"] = engine.shard_fractions()  # this rank's (rank 0's) share
     if info.is_main:
-        (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
+        write_summary(run_dir, summary)
     loader, val = build_loaders(cfg, info, tok, stream)
     val_batches = [b for _, b in zip(range(t.eval_batches), val)]
     # Equal counts on every rank: ZeRO-3 forwards are collectives.

@@ -1,6 +1,8 @@
 """BERT encoder with the masked-LM head of HF BertForMaskedLM (post-LN, no pooler)."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,7 +35,11 @@ class BERT(nn.Module):
         self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
         if cfg.tie_embeddings:
             self.decoder.weight = self.word_emb.weight
-        init_normal(self, cfg.init_std)
+        self.init_weights()
+
+    def init_weights(self, gather: Callable[[nn.Parameter], Any] | None = None) -> None:
+        """(Re-)initialise every parameter; see init_normal for `gather`."""
+        init_normal(self, self.cfg.init_std, gather=gather)
 
     def hidden(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
                attention_mask: Tensor | None = None) -> Tensor:

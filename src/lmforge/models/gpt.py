@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +35,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        init_normal(self, cfg.init_std)
-        # GPT-2: scale residual writes so the stream's variance does not grow with depth.
-        for proj in residual_projections(self.blocks):
-            nn.init.normal_(proj.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.init_weights()
+
+    def init_weights(self, gather: Callable[[nn.Parameter], Any] | None = None) -> None:
+        """(Re-)initialise every parameter; see init_normal for `gather`."""
+        init_normal(self, self.cfg.init_std, residual_projections(self.blocks),
+                    self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers), gather)
 
     def hidden(self, input_ids: Tensor) -> Tensor:
         """Final-norm hidden states (B, T, D) for input_ids (B, T)."""
@@ -48,7 +51,7 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=input_ids.device))
         x = self.drop(x)
-        rope = self.rope(T) if self.rope is not None else None
+        rope = self.rope(T, x) if self.rope is not None else None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, use_reentrant=False)

@@ -2,6 +2,9 @@
 block, the masked cross-entropy and the parameter counter."""
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,20 +46,28 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Rotary(nn.Module):
-    """Cached RoPE cos/sin tables in the HF Llama rotate_half layout."""
+    """RoPE cos/sin tables in the HF Llama rotate_half layout, computed in fp32 on first use
+    and cast to the activations' dtype. Not buffers: construction under ZeRO-3's
+    partitioned init (which casts new tensors to the training dtype) or on the meta device
+    cannot degrade them, and checkpoints and HF exports never carry them."""
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (S, hd)
-        # Non-persistent: recomputable, so checkpoints and HF exports never carry them.
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self._tables: tuple[Tensor, Tensor] | None = None
 
-    def forward(self, seq_len: int) -> tuple[Tensor, Tensor]:
-        """(cos, sin), each (T, hd), for positions 0..seq_len-1."""
-        return self.cos[:seq_len], self.sin[:seq_len]
+    def forward(self, seq_len: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (T, hd) in like's dtype, for positions 0..seq_len-1."""
+        if self._tables is None or self._tables[0].device != like.device:
+            hd, dev = self.head_dim, like.device
+            inv_freq = 1.0 / self.theta ** (torch.arange(0, hd, 2, dtype=torch.float32,
+                                                         device=dev) / hd)
+            freqs = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device=dev),
+                                inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (S, hd)
+            self._tables = (emb.cos(), emb.sin())
+        cos, sin = self._tables
+        return cos[:seq_len].to(like.dtype), sin[:seq_len].to(like.dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -152,15 +163,30 @@ def residual_projections(blocks: nn.ModuleList) -> list[nn.Linear]:
     return [m for b in blocks for m in (b.attn.proj, b.mlp.proj)]
 
 
-def init_normal(module: nn.Module, std: float) -> None:
-    """normal(0, std) for Linear and Embedding weights, zeros for biases, norms at 1/0."""
+def init_normal(module: nn.Module, std: float, scaled: list[nn.Linear] = (),
+                scaled_std: float = 0.0, gather: Callable[[nn.Parameter], Any] = None) -> None:
+    """normal(0, std) for Linear and Embedding weights (scaled_std for the Linears in
+    `scaled`), zeros for biases, norms at 1/0. Each tensor is initialised inside
+    `gather(param)`: under ZeRO-3 that context gathers one partitioned tensor at a time."""
+    gather = gather or (lambda p: contextlib.nullcontext())
+    scaled_ids = {id(m) for m in scaled}
+
+    def init(p: nn.Parameter | None, fn: Callable[[Tensor], Any]) -> None:
+        if p is not None:
+            with gather(p):
+                fn(p)
+
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-        if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-        if isinstance(m, (nn.LayerNorm, RMSNorm)) and m.weight is not None:
-            nn.init.ones_(m.weight)
+            init(m.weight, lambda w: nn.init.normal_(w, mean=0.0, std=std))
+        if isinstance(m, (nn.Linear, nn.LayerNorm)):
+            init(m.bias, nn.init.zeros_)
+        if isinstance(m, (nn.LayerNorm, RMSNorm)):
+            init(m.weight, nn.init.ones_)
+    # GPT-2: residual writes scaled so the stream's variance does not grow with depth.
+    for m in module.modules():
+        if id(m) in scaled_ids:
+            init(m.weight, lambda w: nn.init.normal_(w, mean=0.0, std=scaled_std))
 
 
 def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -176,4 +202,5 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 def count_params(module: nn.Module, exclude: list[nn.Parameter]) -> int:
     """Unique parameters (tied ones once), leaving out the tensors in exclude."""
     skip = {id(p) for p in exclude}
-    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
+    # ds_numel: the full size of a parameter that ZeRO-3 holds partitioned.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if id(p) not in skip)
