@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import compose
+from lmforge.config import ConfigError, resolve_grad_accum
 from lmforge.engine import ds_config, lr_lambda, param_groups
 from lmforge.models import build_model
 
@@ -25,6 +26,23 @@ def test_ds_config_batch_arithmetic_and_stage() -> None:
     assert d["train_micro_batch_size_per_gpu"] == 4 and d["gradient_accumulation_steps"] == 3
     assert d["zero_optimization"]["stage"] == 2
     assert d["bf16"]["enabled"] and not d["fp16"]["enabled"]
+
+
+def test_global_batch_sets_accumulation_per_world_size() -> None:
+    t = compose(["trainer.micro_batch_size=4", "trainer.global_batch_size=32"]).trainer
+    assert [resolve_grad_accum(t, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(ConfigError, match="not a multiple of trainer.micro_batch_size x ranks"):
+        resolve_grad_accum(t, 16)
+    t = compose(["trainer.micro_batch_size=4", "trainer.global_batch_size=32",
+                 "trainer.grad_accum_steps=2"]).trainer
+    with pytest.raises(ConfigError, match="contradicts trainer.global_batch_size=32"):
+        resolve_grad_accum(t, 1)
+    assert resolve_grad_accum(t, 4) == 2
+
+
+def test_inconsistent_raw_batch_keys_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="train_batch_size=100 != micro batch 4"):
+        _ds("trainer.micro_batch_size=4", "+parallel.ds_extra={train_batch_size: 100}", world=2)
 
 
 def test_ds_config_offload_and_extra_keys_merge() -> None:

@@ -110,6 +110,7 @@ class TrainerConfig:
     max_steps: int = 300
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
+    global_batch_size: Optional[int] = None  # samples per step over all ranks; sets grad_accum_steps
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 0  # 0 = only at the end
@@ -167,6 +168,20 @@ POSITIVE = ["model.n_layers", "model.n_heads", "model.d_model", "model.max_seq_l
 NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",
                 "trainer.sample_tokens", "trainer.keep_last", "data.shuffle_buffer", "optim.warmup_steps", "optim.weight_decay",
                 "optim.grad_clip", "model.dropout", "model.type_vocab_size"]
+
+
+def resolve_grad_accum(t: TrainerConfig, world_size: int) -> int:
+    """Accumulation steps so that micro batch x accumulation x ranks = the global batch."""
+    if t.global_batch_size is None:
+        return t.grad_accum_steps
+    per_step = t.micro_batch_size * world_size
+    ga, rest = divmod(t.global_batch_size, per_step)
+    _check(rest == 0 and ga > 0, f"trainer.global_batch_size={t.global_batch_size} is not a "
+           f"multiple of trainer.micro_batch_size x ranks = {t.micro_batch_size} x {world_size}")
+    _check(t.grad_accum_steps in (1, ga), f"trainer.grad_accum_steps={t.grad_accum_steps} "
+           f"contradicts trainer.global_batch_size={t.global_batch_size} (which needs {ga} on "
+           f"{world_size} ranks); set only one of them")
+    return ga
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -45,7 +45,14 @@ def ds_config(parallel: ParallelConfig, precision: PrecisionConfig, optim: Optim
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return _merge(cfg, dict(parallel.ds_extra))
+    cfg = _merge(cfg, dict(parallel.ds_extra))
+    got = (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"],
+           cfg["gradient_accumulation_steps"])
+    if got[0] != got[1] * got[2] * world_size:
+        raise ConfigError(f"parallel.ds_extra makes train_batch_size={got[0]} != micro batch "
+                          f"{got[1]} x accumulation {got[2]} x {world_size} ranks; set "
+                          "trainer.micro_batch_size / trainer.global_batch_size instead")
+    return cfg
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

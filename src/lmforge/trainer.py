@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge import checkpoint, distributed
-from lmforge.config import ConfigError, TrainConfig
+from lmforge.config import ConfigError, TrainConfig, resolve_grad_accum
 from lmforge.data.loader import BlockLoader
 from lmforge.data.shards import ShardLoader, ShardSet, file_sha256, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
@@ -324,6 +324,8 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab}; raise it or leave it null")
     cfg.model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
+    cfg.trainer = dataclasses.replace(
+        cfg.trainer, grad_accum_steps=resolve_grad_accum(cfg.trainer, info.world_size))
     dry = cfg.trainer.max_steps == 0
     t, p, dt = cfg.trainer, cfg.parallel, cfg.precision.dtype
     config = ds_config(p, cfg.precision, cfg.optim, t.micro_batch_size, t.grad_accum_steps,
