@@ -260,7 +260,7 @@ def main() -> None:
     import logging
 
     from lmforge import distributed
-    from lmforge.metrics import flops_per_token, measure_cpu_peak_tflops
+    from lmforge.metrics import flops_per_token, head_fraction, measure_cpu_peak_tflops
 
     logging.disable(logging.WARNING)
     start, threads, load0 = time.perf_counter(), torch.get_num_threads(), os.getloadavg()
@@ -273,7 +273,9 @@ def main() -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ("gpt", "bert"):
-            fpt = flops_per_token(config(arch, "fp32", 8, 1).model, SEQ_LEN)
+            cfg = config(arch, "fp32", 8, 1)
+            fpt = flops_per_token(cfg.model, SEQ_LEN, head_share=head_fraction(
+                cfg.model, SEQ_LEN, cfg.data.mlm_probability))
             for dtype in ("fp32", "bf16"):
                 t = time.perf_counter()
                 c = bench_cell(arch, dtype, (QUICK if a.quick else PLAN)[dtype], Path(tmp),

@@ -14,8 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import compose
 from lmforge.config import ModelConfig
-from lmforge.metrics import (PEAK_TFLOPS, Throughput, flops_per_token, measure_cpu_peak_tflops,
-                             peak_tflops)
+from lmforge.metrics import (PEAK_TFLOPS, Throughput, flops_per_token, head_fraction,
+                             measure_cpu_peak_tflops, peak_tflops)
 from lmforge.models import build_model
 from lmforge.report import write_report
 
@@ -30,15 +30,14 @@ def model_cfg(preset: str) -> ModelConfig:
                     f"data.seq_len={SEQ_LEN}"]).model
 
 
-def counted_flops(cfg: ModelConfig, recompute: bool = False) -> int:
+def counted_flops(cfg: ModelConfig, recompute: bool = False, labels=None) -> int:
     """Matmul FLOPs of one training forward+backward, counted by torch."""
     torch.manual_seed(0)
     model = build_model(cfg).train()
     model.gradient_checkpointing = recompute
     ids = torch.randint(cfg.vocab_size, (BATCH, SEQ_LEN))
-    # Every position labelled: BERT's MLM head then runs on all tokens, as the formula assumes
-    # (in training it runs on the ~15% masked positions only).
-    batch = {"input_ids": ids, "labels": ids.clone()}
+    # By default every position is labelled: BERT's MLM head then runs on all tokens.
+    batch = {"input_ids": ids, "labels": ids.clone() if labels is None else labels}
     counter, threads = FlopCounterMode(display=False), torch.get_num_threads()
     torch.set_num_threads(1)  # counts do not depend on it; 2 busy threads can be ~10x slower
     # MATH backend: FlopCounterMode has no entry for the CPU flash kernel
@@ -60,6 +59,23 @@ def test_flops_per_token_matches_flop_counter(preset: str) -> None:
     cfg = model_cfg(preset)
     want = flops_per_token(cfg, SEQ_LEN) * BATCH * SEQ_LEN
     assert counted_flops(cfg) == pytest.approx(want, rel=0.05)
+
+
+def test_bert_flops_count_the_head_on_masked_tokens_only() -> None:
+    """In training BERT's head runs on the ~15% masked positions; counting it on every token
+    would overstate MFU by ~20% for bert_tiny at vocab 8192."""
+    from lmforge.data.packing import mask_tokens
+
+    cfg = model_cfg("bert_tiny")
+    ids = torch.randint(5, cfg.vocab_size, (BATCH, SEQ_LEN))
+    ids[:, 0], ids[:, -1] = 2, 3  # [CLS] ... [SEP]
+    labels = mask_tokens(ids, torch.Generator().manual_seed(0), 4, cfg.vocab_size, [2, 3],
+                         0.15)["labels"]
+    share = (labels != -100).float().mean().item()
+    assert share == pytest.approx(head_fraction(cfg, SEQ_LEN, 0.15), abs=0.03)
+    want = flops_per_token(cfg, SEQ_LEN, head_share=share) * BATCH * SEQ_LEN
+    assert counted_flops(cfg, labels=labels) == pytest.approx(want, rel=0.05)
+    assert flops_per_token(cfg, SEQ_LEN) > 1.15 * want / (BATCH * SEQ_LEN)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

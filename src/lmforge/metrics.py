@@ -38,19 +38,32 @@ def block_matmul_params(cfg: ModelConfig) -> int:
     return cfg.n_layers * (attn + mlp)
 
 
+def head_params(cfg: ModelConfig) -> int:
+    """Matmul parameters of the output head (BERT: MLM transform + decoder)."""
+    d = cfg.d_model
+    return d * cfg.vocab_size + (d * d if cfg.arch == "bert" else 0)
+
+
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in a matmul per token: every Linear and the LM head."""
-    d = cfg.d_model
-    head = d * cfg.vocab_size + (d * d if cfg.arch == "bert" else 0)  # BERT: MLM transform
-    return block_matmul_params(cfg) + head
+    return block_matmul_params(cfg) + head_params(cfg)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: bool = False) -> float:
+def head_fraction(cfg: ModelConfig, seq_len: int, mlm_probability: float) -> float:
+    """Share of tokens the head runs on: all for GPT; for BERT the expected masked share
+    (mlm_probability of the seq_len-2 non-special tokens of a [CLS] ... [SEP] block)."""
+    return 1.0 if cfg.arch == "gpt" else mlm_probability * (seq_len - 2) / seq_len
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: bool = False,
+                    head_share: float = 1.0) -> float:
     """Training FLOPs per token (PaLM appendix B): 6N for the matmuls plus 12*L*d*T for
-    attention scores and values. Recomputing activations repeats the blocks' forward
-    (not the head's): + 2*N_blocks + 4*L*d*T, hardware FLOPs rather than model FLOPs."""
+    attention scores and values; the head's 6*N_head only on `head_share` of the tokens
+    (BERT's MLM head runs on the masked positions only). Recomputing activations repeats
+    the blocks' forward (not the head's): + 2*N_blocks + 4*L*d*T, hardware FLOPs rather
+    than model FLOPs."""
     attn = 12 * cfg.n_layers * cfg.d_model * seq_len
-    total = 6 * matmul_params(cfg) + attn
+    total = 6 * block_matmul_params(cfg) + 6 * head_params(cfg) * head_share + attn
     if recompute:
         total += 2 * block_matmul_params(cfg) + attn // 3
     return float(total)
@@ -106,8 +119,9 @@ class Throughput:
     """Accumulates step timings between logs and reports window averages."""
 
     def __init__(self, flops_per_token: float, world_size: int, peak_tflops: float,
-                 device: torch.device) -> None:
+                 device: torch.device, hardware_flops_per_token: float | None = None) -> None:
         self.fpt, self.world, self.peak, self.device = flops_per_token, world_size, peak_tflops, device
+        self.hw_fpt = hardware_flops_per_token  # set when activations are recomputed
         self.reset()
 
     def reset(self) -> None:
@@ -136,6 +150,8 @@ class Throughput:
                "step_time_s": elapsed / max(self.steps, 1), "tflops": tflops,
                "mfu": tflops / self.peak if self.peak > 0 else 0.0,
                "data_wait_frac": self.data_wait_s / elapsed}
+        if self.hw_fpt and self.peak > 0:  # hardware FLOPs utilisation, recompute included
+            out["hfu"] = tps / self.world * self.hw_fpt / 1e12 / self.peak
         out.update(memory_stats(self.device))
         self.reset()
         return out

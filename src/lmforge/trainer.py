@@ -24,7 +24,7 @@ from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids, train_
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, create_model, ds_config
 from lmforge.loggers import build_sinks
-from lmforge.metrics import Throughput, flops_per_token, peak_tflops
+from lmforge.metrics import Throughput, flops_per_token, head_fraction, peak_tflops
 from lmforge.models import build_model
 
 log = logging.getLogger("lmforge")
@@ -156,7 +156,8 @@ class Trainer:
         self.tokenizer_sha256 = checkpoint.sha256(run_dir / "tokenizer.json")
         self.meter = Throughput(summary["flops_per_token"], info.world_size,
                                 peak_tflops(info.device, cfg.precision.dtype,
-                                            cfg.logging.peak_tflops), info.device)
+                                            cfg.logging.peak_tflops), info.device,
+                                summary.get("hardware_flops_per_token"))
 
     def resume(self) -> None:
         """Continue from trainer.resume_from, or from this run's newest good checkpoint."""
@@ -336,12 +337,17 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
             model = build_model(cfg.model)
     else:
         model = create_model(lambda: build_model(cfg.model), config, info.device)
+    share = head_fraction(cfg.model, cfg.data.seq_len, cfg.data.mlm_probability)
     summary = {"n_params": model.num_params(),
                "n_params_non_embedding": model.num_params(non_embedding=True),
-               "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
+               "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len,
+                                                  head_share=share),
                "world_size": info.world_size, "zero_stage": p.zero_stage, "dtype": dt,
                "vocab_size": cfg.model.vocab_size, "tokenizer_vocab_size": vocab,
                "seq_len": cfg.data.seq_len, "corpus": corpus,
+               **({"hardware_flops_per_token": flops_per_token(
+                   cfg.model, cfg.data.seq_len, recompute=True, head_share=share)}
+                  if p.activation_checkpointing else {}),
                "model_state_gb_per_rank": round(model_state_gb(
                    model.num_params(), dt, p.zero_stage, info.world_size), 3)}
     if info.is_main:
