@@ -126,3 +126,37 @@ def test_wandb_without_a_key_logs_offline(tmp_path: Path) -> None:
     assert "logging offline" in proc.stderr
     runs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+    # The offline run holds the same metrics as metrics.jsonl, step for step.
+    history = wandb_history(runs[0])
+    jsonl = read_metrics(run)
+    assert [h["_step"] for h in history] == [r["step"] for r in jsonl]
+    for h, r in zip(history, jsonl):
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_frac"):
+            assert h[key] == pytest.approx(r[key], rel=1e-6), key
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """History rows of an offline .wandb file. wandb ships no reader for it (an open
+    feature request upstream), so this follows its documented layout: a 7-byte ':W&B'
+    header, then LevelDB-log records (crc32, length, type; 32 KiB blocks) of protobufs."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, rows, pos, parts = path.read_bytes(), [], 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer too short for a header: zero padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(parts)
+            parts = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                             for i in rec.history.item})
+    return rows
