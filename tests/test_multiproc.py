@@ -97,16 +97,3 @@ def test_sigusr1_on_one_rank_checkpoints_and_stops_both(tmp_path: Path) -> None:
     assert (ckpt / "trainer_rank1.pt").is_file()
     assert int(ckpt.name.split("_")[1]) == max(r["step"] for r in read_metrics(run)) < 200
 
-
-def test_accelerate_launch_with_the_shipped_cpu_config(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
-           "--main_process_port", str(_port()), "-m", "lmforge.train", f"hydra.run.dir={run}",
-           *RUN, "parallel=zero3", "trainer.max_steps=3"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
