@@ -48,6 +48,7 @@ class DataConfig:
     seq_len: int = 256
     val_percent: float = 2.0  # documents held out for validation, chosen by content hash
     shuffle_buffer: int = 1024  # training blocks mixed at random (0 = in stream order)
+    num_workers: int = 0  # loader processes per rank (0 = in the training process)
     mlm_probability: float = 0.15
 
 
@@ -166,7 +167,7 @@ POSITIVE = ["model.n_layers", "model.n_heads", "model.d_model", "model.max_seq_l
             "trainer.grad_accum_steps", "trainer.log_every", "trainer.max_bad_steps", "trainer.eval_batches",
             "optim.lr"]
 NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",
-                "trainer.sample_tokens", "trainer.keep_last", "data.shuffle_buffer", "optim.warmup_steps", "optim.weight_decay",
+                "trainer.sample_tokens", "trainer.keep_last", "data.shuffle_buffer", "data.num_workers", "optim.warmup_steps", "optim.weight_decay",
                 "optim.grad_clip", "model.dropout", "model.type_vocab_size"]
 
 

@@ -21,6 +21,7 @@ from lmforge.data.loader import BlockLoader
 from lmforge.data.shards import ShardLoader, ShardSet, file_sha256, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
 from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids, train_tokenizer
+from lmforge.data.workers import WorkerLoader
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, create_model, ds_config
 from lmforge.loggers import build_sinks
@@ -85,22 +86,25 @@ def load_corpus(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
 
 
 def build_loaders(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, stream: Any
-                  ) -> tuple[Any, Any]:
-    """Training and validation loaders, from shards or tokenizing `stream` on the fly."""
+                  ) -> tuple[WorkerLoader, Any]:
+    """Training loader (read by data.num_workers processes) and validation loader, from
+    shards or tokenizing `stream` on the fly."""
     t, d, arch = cfg.trainer, cfg.data, cfg.model.arch
     if d.source != "shards":
-        return tuple(BlockLoader(stream, tok, arch, d, t.micro_batch_size, info.rank,
-                                 info.world_size, t.seed, split=split)
-                     for split in ("train", "validation"))
+        train, val = (BlockLoader(stream, tok, arch, d, t.micro_batch_size, info.rank,
+                                  info.world_size, t.seed, split=split)
+                      for split in ("train", "validation"))
+        return WorkerLoader(train, d.num_workers), val
     specials = special_ids(tok, kind_for(arch))
     manifest = read_manifest(Path(d.shards_dir))
     if manifest["sep_id"] != specials["eos" if arch == "gpt" else "sep"]:
         raise ConfigError(f"the shards in {d.shards_dir} were prepared for a "
                           f"{manifest['kind']} tokenizer, not for model.arch={arch}")
-    return tuple(ShardLoader(ShardSet(d.shards_dir, split), arch, specials, d.seq_len,
-                             t.micro_batch_size, info.rank, info.world_size, t.seed,
-                             train=split == "train", mlm_probability=d.mlm_probability)
-                 for split in ("train", "validation"))
+    train, val = (ShardLoader(ShardSet(d.shards_dir, split), arch, specials, d.seq_len,
+                              t.micro_batch_size, info.rank, info.world_size, t.seed,
+                              train=split == "train", mlm_probability=d.mlm_probability)
+                  for split in ("train", "validation"))
+    return WorkerLoader(train, d.num_workers), val
 
 
 def model_state_gb(n_params: int, dtype: str, stage: int, world: int) -> float:
@@ -143,7 +147,7 @@ class Trainer:
     """Owns the loop; everything it needs is built by `build()`."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, tok: Tokenizer,
-                 engine: Engine, loader: BlockLoader | ShardLoader, val_batches: list,
+                 engine: Engine, loader: WorkerLoader, val_batches: list,
                  summary: dict) -> None:
         self.cfg, self.run_dir, self.info, self.tok = cfg, run_dir, info, tok
         self.engine, self.loader, self.val_batches, self.summary = engine, loader, val_batches, summary
@@ -239,6 +243,7 @@ class Trainer:
                         and bad == 0):
                     self.save()
             self.save()
+        self.loader.close()
         self.summary.update(final_loss=self.last_loss, final_val_loss=self.last_val,
                             tokens=self.tokens, steps=self.step,
                             wall_s=round(time.perf_counter() - start, 2))

@@ -54,7 +54,8 @@ class BlockLoader:
         ds.set_epoch(self.epoch)
         return ds
 
-    def _mine(self) -> Iterator[tuple[int, str]]:
+    def documents(self) -> Iterator[tuple[int, str]]:
+        """(index, text) of this reader's documents of the current epoch, from next_doc on."""
         for i, text in iter_documents(self._epoch_stream(), self.split, self.cfg.val_percent,
                                       start=self.next_doc):
             if i % self.world == self.rank:
@@ -64,7 +65,7 @@ class BlockLoader:
         # A restored carry is emptied before the next document is read, as it was originally.
         yield from self.packer.drain()
         while True:
-            docs = self._mine()
+            docs, start = self.documents(), self.next_doc
             while chunk := [d for _, d in zip(range(_ENCODE_CHUNK), docs)]:
                 for (i, _), enc in zip(chunk, self.tok.encode_batch([t for _, t in chunk],
                                                                     add_special_tokens=False)):
@@ -72,6 +73,10 @@ class BlockLoader:
                     yield from self.packer.add(enc.ids)
             if not self.train:
                 return
+            if start == 0 and self.next_doc == 0:
+                raise ConfigError(f"reader {self.rank} of {self.world} (ranks x loader workers) "
+                                  f"got no training document in epoch {self.epoch}; the corpus "
+                                  "has too few documents: use fewer ranks or data.num_workers")
             self.epoch, self.next_doc = self.epoch + 1, 0
 
     def _shuffled(self, blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
@@ -93,6 +98,12 @@ class BlockLoader:
     def __iter__(self) -> "BlockLoader":
         return self
 
+    def for_worker(self, w: int, n_workers: int) -> "BlockLoader":
+        """Loader worker w of n: reader rank*n + w of world*n over the same stream."""
+        return BlockLoader(self.stream, self.tok, self.arch, self.cfg, self.micro_batch_size,
+                           self.rank * n_workers + w, self.world * n_workers, self.seed,
+                           self.split)
+
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._blocks is None:
             self._blocks = self._shuffled(self._gen_blocks())
@@ -108,9 +119,11 @@ class BlockLoader:
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch returned; valid between batches."""
         return {"kind": "stream", "epoch": self.epoch, "next_doc": self.next_doc, "rank": self.rank,
-                "world": self.world, "carry": list(self.packer.carry),
-                "mask_rng": self.mask_gen.get_state().tolist(),
-                "buffer": [b.tolist() for b in self.buffer],
+                "world": self.world, "carry": torch.tensor(self.packer.carry, dtype=torch.int64),
+                "mask_rng": self.mask_gen.get_state(),
+                # Tensors: cheap to send from a loader worker with every batch.
+                "buffer": torch.from_numpy(np.stack(self.buffer)) if self.buffer
+                else torch.zeros(0, dtype=torch.int64),
                 "shuffle_rng": self.shuffle_rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -124,8 +137,8 @@ class BlockLoader:
                               "on-the-fly data resumes only with the same number of ranks "
                               "(data.source=shards resumes with any)")
         self.epoch, self.next_doc = state["epoch"], state["next_doc"]
-        self.packer.carry = list(state["carry"])
-        self.mask_gen.set_state(torch.tensor(state["mask_rng"], dtype=torch.uint8))
-        self.buffer = [np.asarray(b, dtype=np.int64) for b in state["buffer"]]
+        self.packer.carry = [int(t) for t in state["carry"]]
+        self.mask_gen.set_state(torch.as_tensor(state["mask_rng"], dtype=torch.uint8))
+        self.buffer = [row.numpy() for row in state["buffer"]]
         self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
         self._blocks = None

@@ -6,6 +6,7 @@ run is block perm_epoch[i mod n_blocks], and rank r of w takes samples
 not depend on how many ranks read it, and the loader state is one integer."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -219,7 +220,21 @@ class ShardLoader:
                               f"({world}x{micro_batch_size}); prepare more data or lower "
                               "data.seq_len / trainer.micro_batch_size")
         self.consumed = 0  # global samples handed out, summed over ranks
+        self.stride = 1  # global micro-steps per batch of this loader (loader workers)
         self._perm: tuple[int, np.ndarray] | None = None
+
+    layout_free = True  # the position is a global sample count, whatever reads it
+
+    def for_worker(self, w: int, n_workers: int) -> "ShardLoader":
+        """The loader of worker w of n: global micro-steps w, w+n, ... from here on."""
+        mine = copy.copy(self)
+        mine.consumed = self.consumed + w * self.world * self.mb
+        mine.stride, mine._perm = n_workers, None
+        return mine
+
+    def state_after(self, n_batches: int) -> dict[str, Any]:
+        """The state once n more micro-batches of this loader were handed out."""
+        return {"kind": "shards", "consumed": self.consumed + n_batches * self.world * self.mb}
 
     def _block(self, i: int) -> np.ndarray:
         epoch, j = divmod(i, self.n_blocks)
@@ -242,7 +257,7 @@ class ShardLoader:
             raise StopIteration
         idx = range(first, first + self.mb)
         blocks = [self._block(i) for i in idx]
-        self.consumed += self.world * self.mb
+        self.consumed += self.world * self.mb * self.stride
         if self.arch == "gpt":
             return gpt_batch(blocks)
         s = self.specials

@@ -96,8 +96,9 @@ def iter_documents(ds: datasets.IterableDataset, split: str, val_percent: float,
     """(index, text) of non-empty documents of one split; index counts that split's documents."""
     want_val = split == "validation"
     i = 0
-    for ex in ds:
-        text = ex["text"]
+    # .iter(), not iter(ds): inside a DataLoader worker, iter(ds) would hand this worker only
+    # some of the files; lmforge shards by document index itself.
+    for text in (t for batch in ds.iter(batch_size=64) for t in batch["text"]):
         if not isinstance(text, str) or not text.strip():
             continue
         if is_validation(text, val_percent) != want_val:
