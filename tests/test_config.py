@@ -1,6 +1,7 @@
 """Config tree: every shipped file composes and validates; bad input is one clear line."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,8 @@ def test_every_group_option_composes(group: str, name: str) -> None:
     extra = ["data.hub_name=some/dataset"] if (group, name) == ("data", "hub") else []
     extra += ["data.paths=[x.txt]"] if (group, name) == ("data", "files") else []
     extra += ["data.shards_dir=shards"] if (group, name) == ("data", "shards") else []
+    extra += ["data.sources=[{shards_dir: a, weight: 2}, {shards_dir: b}]"] \
+        if (group, name) == ("data", "mixture") else []
     cfg = compose([f"{group}={name}", *extra])
     assert getattr(cfg, group) is not None
 
@@ -26,6 +29,16 @@ def test_every_group_option_composes(group: str, name: str) -> None:
 def test_every_experiment_composes(name: str) -> None:
     cfg = compose([f"experiment={name}"])
     validate(cfg)
+
+
+@pytest.mark.parametrize("sources,msg", [
+    ("[]", "data.source=mixture needs data.sources"),
+    ("[{shards_dir: a, paths: [x.txt]}]", "data.sources[0] must set exactly one of"),
+    ("[{shards_dir: a, weight: 0}]", "data.sources[0].weight=0.0 must be > 0"),
+    ("[{shards_dir: a}, {paths: [x.txt]}]", "mixes shards with on-the-fly sources")])
+def test_bad_mixtures_are_one_line_errors(sources: str, msg: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        compose(["data=mixture", f"data.sources={sources}"])
 
 
 def test_defaults() -> None:

@@ -36,8 +36,25 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One entry of a data mixture: exactly one of shards_dir, paths, hub_name."""
+    weight: float = 1.0
+    shards_dir: Optional[str] = None
+    paths: list[str] = field(default_factory=list)
+    format: str = "auto"
+    text_field: str = "text"
+    hub_name: Optional[str] = None
+    hub_config: Optional[str] = None
+    hub_split: str = "train"
+
+    @property
+    def kind(self) -> str:
+        return "shards" if self.shards_dir else "hub" if self.hub_name else "files"
+
+
+@dataclass
 class DataConfig:
-    source: str = "embedded"  # embedded | files | hub | shards
+    source: str = "embedded"  # embedded | files | hub | shards | mixture (of data.sources)
     paths: list[str] = field(default_factory=list)  # files or globs for source=files
     format: str = "auto"  # auto | text | json | parquet
     text_field: str = "text"
@@ -45,6 +62,7 @@ class DataConfig:
     hub_config: Optional[str] = None
     hub_split: str = "train"
     shards_dir: Optional[str] = None  # lmforge-prepare shards output for source=shards
+    sources: list[SourceConfig] = field(default_factory=list)  # for source=mixture
     seq_len: int = 256
     val_percent: float = 2.0  # documents held out for validation, chosen by content hash
     shuffle_buffer: int = 1024  # training blocks mixed at random (0 = in stream order)
@@ -154,7 +172,7 @@ CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.activation": ("gelu_tanh", "gelu", "swiglu"),
     "model.pos_emb": ("learned", "rope"),
-    "data.source": ("embedded", "files", "hub", "shards"),
+    "data.source": ("embedded", "files", "hub", "shards", "mixture"),
     "data.format": ("auto", "text", "json", "parquet"),
     "tokenizer.kind": ("auto", "bpe", "wordpiece"),
     "parallel.zero_stage": (0, 1, 2, 3),
@@ -230,6 +248,17 @@ def validate(cfg: Any) -> None:
                "shards output>")
     if d.source == "hub":
         _check(bool(d.hub_name), "data.source=hub needs data.hub_name=<dataset on the hub>")
+    if d.source == "mixture":
+        _check(len(d.sources) > 0, "data.source=mixture needs data.sources=[{shards_dir: a, "
+               "weight: 0.7}, {shards_dir: b, weight: 0.3}] (or paths / hub_name entries)")
+        for i, src in enumerate(d.sources):
+            given = [k for k in ("shards_dir", "paths", "hub_name") if getattr(src, k)]
+            _check(len(given) == 1, f"data.sources[{i}] must set exactly one of shards_dir, "
+                   f"paths, hub_name (it sets {given or 'none'})")
+            _check(src.weight > 0, f"data.sources[{i}].weight={src.weight} must be > 0")
+        shards = {src.kind == "shards" for src in d.sources}
+        _check(len(shards) == 1, "data.sources mixes shards with on-the-fly sources; "
+               "prepare every source with lmforge-prepare shards, or none")
     if cfg.tokenizer.kind != "auto":
         want = "bpe" if m.arch == "gpt" else "wordpiece"
         _check(cfg.tokenizer.kind == want or cfg.tokenizer.path is not None,

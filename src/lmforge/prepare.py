@@ -31,7 +31,7 @@ def _train_tokenizer(cfg: TrainConfig, out: Path) -> None:
     from lmforge.data.sources import iter_documents, load_stream
     from lmforge.data.tokenizer import kind_for, train_tokenizer
 
-    stream, _ = load_stream(cfg.data)
+    stream, _ = load_stream(cfg.data, cfg.trainer.seed)
     texts = (d for _, d in iter_documents(stream, "train", cfg.data.val_percent))
     tok = train_tokenizer(texts, kind_for(cfg.model.arch, cfg.tokenizer.kind),
                           cfg.tokenizer.vocab_size, cfg.tokenizer.train_max_chars)
@@ -42,7 +42,7 @@ def _documents(cfg: TrainConfig):
     """(split, text) for every non-empty document, in stream order, in one pass."""
     from lmforge.data.sources import is_validation, load_stream
 
-    stream, info = load_stream(cfg.data)
+    stream, info = load_stream(cfg.data, cfg.trainer.seed)
 
     def gen():
         for ex in stream:
@@ -64,7 +64,8 @@ def cmd_shards(args: argparse.Namespace, cfg: TrainConfig) -> None:
     from lmforge.data.shards import write_shards
     from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids
 
-    if cfg.data.source == "shards":
+    d = cfg.data
+    if d.source == "shards" or (d.source == "mixture" and d.sources[0].kind == "shards"):
         raise ConfigError("data.source=shards reads shards; prepare from embedded, files or hub")
     kind = kind_for(cfg.model.arch, cfg.tokenizer.kind)
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,19 +44,34 @@ def on_main(info: DistInfo, fn: Callable[[], Any]) -> None:
         raise err
 
 
+def shard_sources(cfg: TrainConfig) -> list[tuple[Path, float]]:
+    """(shards dir, weight) of each pre-tokenized source; empty when tokenizing on the fly."""
+    d = cfg.data
+    if d.source == "shards":
+        return [(Path(d.shards_dir), 1.0)]
+    if d.source == "mixture" and d.sources[0].kind == "shards":
+        return [(Path(s.shards_dir), s.weight) for s in d.sources]
+    return []
+
+
 def build_tokenizer(cfg: TrainConfig, run_dir: Path, info: DistInfo, stream) -> Tokenizer:
     """The run's tokenizer.json: kept from an earlier run, copied from tokenizer.path or from
     the shards, or trained by rank 0 on the training split."""
     out = run_dir / "tokenizer.json"
     kind = kind_for(cfg.model.arch, cfg.tokenizer.kind)
     source = cfg.tokenizer.path
-    if cfg.data.source == "shards":
-        source = str(Path(cfg.data.shards_dir) / "tokenizer.json")
-        want = read_manifest(Path(cfg.data.shards_dir))["tokenizer_sha256"]
+    shards = shard_sources(cfg)
+    if shards:
+        source = str(shards[0][0] / "tokenizer.json")
+        want = read_manifest(shards[0][0])["tokenizer_sha256"]
+        for d, _ in shards[1:]:
+            if read_manifest(d)["tokenizer_sha256"] != want:
+                raise ConfigError(f"the shards in {d} were made with another tokenizer than "
+                                  f"those in {shards[0][0]}; prepare all with one tokenizer")
         for path in filter(None, [source, cfg.tokenizer.path]):
             if not Path(path).is_file() or file_sha256(Path(path)) != want:
                 raise ConfigError(f"{path} is not the tokenizer the shards in "
-                                  f"{cfg.data.shards_dir} were made with; leave tokenizer.path "
+                                  f"{shards[0][0]} were made with; leave tokenizer.path "
                                   "unset or re-run lmforge-prepare shards")
 
     def make() -> None:
@@ -77,12 +92,16 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path, info: DistInfo, stream) -> 
 
 def load_corpus(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
     """(stream for on-the-fly tokenization or None for shards, description of the corpus)."""
-    if cfg.data.source != "shards":
-        return load_stream(cfg.data)
-    manifest = read_manifest(Path(cfg.data.shards_dir))
-    return None, {"source": "shards", "dir": cfg.data.shards_dir,
-                  "tokens": {s: v["tokens"] for s, v in manifest["splits"].items()},
-                  "prepared_from": manifest["corpus"]}
+    shards = shard_sources(cfg)
+    if not shards:
+        return load_stream(cfg.data, cfg.trainer.seed)
+    parts = []
+    for d, weight in shards:
+        manifest = read_manifest(d)
+        parts.append({"dir": str(d), "weight": weight,
+                      "tokens": {s: v["tokens"] for s, v in manifest["splits"].items()},
+                      "prepared_from": manifest["corpus"]})
+    return None, {"source": "shards", "parts": parts}
 
 
 def build_loaders(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, stream: Any
@@ -90,19 +109,22 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, stream: Any
     """Training loader (read by data.num_workers processes) and validation loader, from
     shards or tokenizing `stream` on the fly."""
     t, d, arch = cfg.trainer, cfg.data, cfg.model.arch
-    if d.source != "shards":
+    shards = shard_sources(cfg)
+    if not shards:
         train, val = (BlockLoader(stream, tok, arch, d, t.micro_batch_size, info.rank,
                                   info.world_size, t.seed, split=split)
                       for split in ("train", "validation"))
         return WorkerLoader(train, d.num_workers), val
     specials = special_ids(tok, kind_for(arch))
-    manifest = read_manifest(Path(d.shards_dir))
-    if manifest["sep_id"] != specials["eos" if arch == "gpt" else "sep"]:
-        raise ConfigError(f"the shards in {d.shards_dir} were prepared for a "
-                          f"{manifest['kind']} tokenizer, not for model.arch={arch}")
-    train, val = (ShardLoader(ShardSet(d.shards_dir, split), arch, specials, d.seq_len,
-                              t.micro_batch_size, info.rank, info.world_size, t.seed,
-                              train=split == "train", mlm_probability=d.mlm_probability)
+    for root, _ in shards:
+        manifest = read_manifest(root)
+        if manifest["sep_id"] != specials["eos" if arch == "gpt" else "sep"]:
+            raise ConfigError(f"the shards in {root} were prepared for a "
+                              f"{manifest['kind']} tokenizer, not for model.arch={arch}")
+    train, val = (ShardLoader([ShardSet(root, split) for root, _ in shards], arch, specials,
+                              d.seq_len, t.micro_batch_size, info.rank, info.world_size, t.seed,
+                              train=split == "train", mlm_probability=d.mlm_probability,
+                              weights=[w for _, w in shards])
                   for split in ("train", "validation"))
     return WorkerLoader(train, d.num_workers), val
 

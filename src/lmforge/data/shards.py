@@ -200,50 +200,76 @@ def verify_shards(root: Path) -> list[str]:
 class ShardLoader:
     """Micro-batches from shards by global sample index (see the module docstring).
 
-    Training samples run over epochs, each a seeded permutation of the split's blocks;
-    validation is one pass in order. BERT masks are drawn from a generator seeded by
-    (seed, sample index): they differ between epochs and do not depend on the rank layout.
+    Several shard sets are mixed per sample by weight with a deterministic greedy schedule
+    (sample i comes from the source furthest behind its share, so every prefix of the run
+    matches the weights to within one sample). Each source runs over epochs, each a seeded
+    permutation of its blocks; validation is one pass in order. BERT masks are drawn from a
+    generator seeded by (seed, sample index): they differ between epochs and do not depend
+    on the rank layout. The position is (samples consumed, samples taken from each source).
     """
 
-    def __init__(self, shards: ShardSet, arch: str, specials: dict[str, int], seq_len: int,
-                 micro_batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 train: bool = True, mlm_probability: float = 0.15) -> None:
-        self.shards, self.arch, self.specials = shards, arch, specials
+    layout_free = True  # the position is a global sample count, whatever reads it
+
+    def __init__(self, shards: ShardSet | list[ShardSet], arch: str, specials: dict[str, int],
+                 seq_len: int, micro_batch_size: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, train: bool = True, mlm_probability: float = 0.15,
+                 weights: list[float] | None = None) -> None:
+        self.sets = shards if isinstance(shards, list) else [shards]
+        self.shards = self.sets[0]
+        w = np.asarray(weights or [1.0] * len(self.sets), dtype=np.float64)
+        self.weights = w / w.sum()
+        self.arch, self.specials = arch, specials
         self.mb, self.rank, self.world, self.seed, self.train = (micro_batch_size, rank, world,
                                                                  seed, train)
         self.mlm_probability = mlm_probability
         self.body = seq_len + 1 if arch == "gpt" else seq_len - 2
-        self.n_blocks = shards.n_tokens // self.body
-        if train and self.n_blocks < world * micro_batch_size:
-            raise ConfigError(f"the shards in {shards.root} hold {self.n_blocks} blocks of "
-                              f"{self.body} tokens, fewer than one global micro-batch "
-                              f"({world}x{micro_batch_size}); prepare more data or lower "
-                              "data.seq_len / trainer.micro_batch_size")
+        self.blocks = [s.n_tokens // self.body for s in self.sets]
+        self.n_blocks = sum(self.blocks)
+        for s, n in zip(self.sets, self.blocks):
+            if train and n < world * micro_batch_size:
+                raise ConfigError(f"the shards in {s.root} hold {n} blocks of {self.body} "
+                                  f"tokens, fewer than one global micro-batch ({world}x"
+                                  f"{micro_batch_size}); prepare more data or lower "
+                                  "data.seq_len / trainer.micro_batch_size")
         self.consumed = 0  # global samples handed out, summed over ranks
+        self.counts = np.zeros(len(self.sets), dtype=np.int64)  # of those, per source
         self.stride = 1  # global micro-steps per batch of this loader (loader workers)
-        self._perm: tuple[int, np.ndarray] | None = None
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
 
-    layout_free = True  # the position is a global sample count, whatever reads it
+    def _advance(self, n: int) -> list[tuple[int, int]]:
+        """(source, index within source) of the next n global samples; moves the position."""
+        out = []
+        for _ in range(n):
+            src = int(np.argmax(self.weights * (self.consumed + 1) - self.counts))
+            out.append((src, int(self.counts[src])))
+            self.counts[src] += 1
+            self.consumed += 1
+        return out
 
     def for_worker(self, w: int, n_workers: int) -> "ShardLoader":
         """The loader of worker w of n: global micro-steps w, w+n, ... from here on."""
         mine = copy.copy(self)
-        mine.consumed = self.consumed + w * self.world * self.mb
-        mine.stride, mine._perm = n_workers, None
+        mine.counts, mine._perms = self.counts.copy(), {}
+        mine._advance(w * self.world * self.mb)
+        mine.stride = n_workers
         return mine
 
     def state_after(self, n_batches: int) -> dict[str, Any]:
         """The state once n more micro-batches of this loader were handed out."""
-        return {"kind": "shards", "consumed": self.consumed + n_batches * self.world * self.mb}
+        ahead = copy.copy(self)
+        ahead.counts = self.counts.copy()
+        ahead._advance(n_batches * self.world * self.mb)
+        return ahead.state_dict()
 
-    def _block(self, i: int) -> np.ndarray:
-        epoch, j = divmod(i, self.n_blocks)
+    def _block(self, src: int, i: int) -> np.ndarray:
+        n = self.blocks[src]
+        epoch, j = divmod(i, n)
         if self.train:
-            if self._perm is None or self._perm[0] != epoch:
-                rng = np.random.default_rng([self.seed, epoch])
-                self._perm = (epoch, rng.permutation(self.n_blocks))
-            j = int(self._perm[1][j])
-        body = self.shards.tokens(j * self.body, self.body)
+            if self._perms.get(src, (None,))[0] != epoch:  # one epoch's order per source
+                self._perms[src] = (epoch, np.random.default_rng([self.seed, src, epoch])
+                                    .permutation(n))
+            j = int(self._perms[src][1][j])
+        body = self.sets[src].tokens(j * self.body, self.body)
         if self.arch == "gpt":
             return body
         return np.concatenate([[self.specials["cls"]], body, [self.specials["sep"]]])
@@ -253,24 +279,34 @@ class ShardLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         first = self.consumed + self.rank * self.mb
-        if not self.train and self.consumed + self.world * self.mb > self.n_blocks:
-            raise StopIteration
-        idx = range(first, first + self.mb)
-        blocks = [self._block(i) for i in idx]
-        self.consumed += self.world * self.mb * self.stride
+        if not self.train:  # one pass: stop before any source would start over
+            nxt = copy.copy(self)
+            nxt.counts = self.counts.copy()
+            nxt._advance(self.world * self.mb)
+            if any(c > n for c, n in zip(nxt.counts, self.blocks)):
+                raise StopIteration
+        step = self._advance(self.world * self.mb)
+        mine = step[self.rank * self.mb:(self.rank + 1) * self.mb]
+        self._advance(self.world * self.mb * (self.stride - 1))
+        blocks = [self._block(src, i) for src, i in mine]
         if self.arch == "gpt":
             return gpt_batch(blocks)
         s = self.specials
-        return bert_batch_seeded(blocks, [(self.seed, i) for i in idx], s["mask"],
-                                 self.shards.vocab_size, [s["cls"], s["sep"], s["pad"]],
-                                 self.mlm_probability)
+        return bert_batch_seeded(blocks, [(self.seed, i) for i in range(first, first + self.mb)],
+                                 s["mask"], self.shards.vocab_size,
+                                 [s["cls"], s["sep"], s["pad"]], self.mlm_probability)
 
     def state_dict(self) -> dict[str, Any]:
-        """Valid for any rank layout: the next global sample index."""
-        return {"kind": "shards", "consumed": self.consumed}
+        """Valid for any rank layout: the next global sample index and per-source counts."""
+        return {"kind": "shards", "consumed": self.consumed, "counts": self.counts.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "shards":
             raise ConfigError("the checkpoint's data position is from on-the-fly tokenization, "
                               "not from shards; resume with the data config it was saved with")
+        if len(state["counts"]) != len(self.sets):
+            raise ConfigError(f"the checkpoint's data position is for {len(state['counts'])} "
+                              f"shard sources, not {len(self.sets)}; resume with the same "
+                              "data.sources")
         self.consumed = int(state["consumed"])
+        self.counts = np.asarray(state["counts"], dtype=np.int64)

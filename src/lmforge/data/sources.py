@@ -2,6 +2,7 @@
 datasets, streamed through `datasets`, split into train/validation by content hash."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import os
@@ -65,8 +66,21 @@ def _format_of(files: list[Path], fmt: str) -> str:
     return kinds.pop()
 
 
-def load_stream(cfg: DataConfig) -> tuple[datasets.IterableDataset, dict]:
-    """A streaming dataset with a `text` column, and a description of where it came from."""
+def load_stream(cfg: DataConfig, seed: int = 0) -> tuple[datasets.IterableDataset, dict]:
+    """A streaming dataset with a `text` column, and a description of where it came from.
+    A mixture interleaves its sources' documents at random by weight (seeded), each source
+    starting over until every one has been read through once."""
+    if cfg.source == "mixture":
+        parts = [load_stream(dataclasses.replace(
+            cfg, source=src.kind, paths=list(src.paths), format=src.format,
+            text_field=src.text_field, hub_name=src.hub_name, hub_config=src.hub_config,
+            hub_split=src.hub_split, sources=[])) for src in cfg.sources]
+        total = sum(src.weight for src in cfg.sources)
+        weights = [src.weight / total for src in cfg.sources]
+        ds = datasets.interleave_datasets([p.select_columns(["text"]) for p, _ in parts],
+                                          probabilities=weights, seed=seed,
+                                          stopping_strategy="all_exhausted")
+        return ds, {"source": "mixture", "weights": weights, "parts": [i for _, i in parts]}
     if cfg.source == "hub":
         ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split,
                                    streaming=True)

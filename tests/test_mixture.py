@@ -1,0 +1,123 @@
+"""Data mixtures: shard sources mixed per sample (exact weights, layout-free, resumable),
+on-the-fly sources mixed per document (seeded), and a mixture run end to end."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, read_metrics, run_train
+from lmforge.config import DataConfig, SourceConfig
+from lmforge.data.shards import ShardLoader, ShardSet
+from lmforge.data.sources import iter_documents, load_stream
+from lmforge.data.tokenizer import load_tokenizer, special_ids
+
+WORDS = {"a": "apple banana cherry grape lemon mango melon peach pear plum".split(),
+         "b": "zinc xenon yttrium tungsten vanadium uranium thorium sodium".split()}
+
+
+def write_corpus(path: Path, words: list[str], n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps({"text": " ".join(
+        rng.choice(words) for _ in range(rng.randint(8, 40)))}) + "\n" for _ in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of two corpora with disjoint words, made with one tokenizer."""
+    root = tmp_path_factory.mktemp("mix")
+    both = root / "both.jsonl"
+    both.write_text(write_corpus(root / "a.jsonl", WORDS["a"], 400, 1).read_text()
+                    + write_corpus(root / "b.jsonl", WORDS["b"], 400, 2).read_text())
+    prep = [sys.executable, "-m", "lmforge.prepare"]
+    subprocess.run([*prep, "tokenizer", "--out", str(root / "tok.json"), "data=files",
+                    f"data.paths=[{both}]", "tokenizer.vocab_size=300"], cwd=REPO, check=True,
+                   capture_output=True)
+    for name in "ab":
+        subprocess.run([*prep, "shards", "--out", str(root / name), "--tokenizer",
+                        str(root / "tok.json"), "data=files", f"data.paths=[{root / name}.jsonl]"],
+                       cwd=REPO, check=True, capture_output=True)
+    return root
+
+
+def loader(root: Path, weights: list[float], rank: int = 0, world: int = 1, mb: int = 8,
+           seed: int = 0) -> ShardLoader:
+    tok = load_tokenizer(root / "a/tokenizer.json")
+    return ShardLoader([ShardSet(root / "a", "train"), ShardSet(root / "b", "train")], "gpt",
+                       special_ids(tok, "bpe"), 16, mb, rank, world, seed, weights=weights)
+
+
+def vocab_of(root: Path) -> set[int]:
+    return set(np.fromfile(root / "train-00000.bin", dtype=np.uint16).tolist())
+
+
+def source_of(vocabs: dict[str, set[int]], ids: torch.Tensor) -> str:
+    kinds = [k for k, v in vocabs.items() if set(ids.tolist()) <= v]
+    assert len(kinds) == 1, ids  # a block never spans two sources
+    return kinds[0]
+
+
+def test_shard_mixture_matches_its_weights_over_10k_samples(two: Path) -> None:
+    vocabs = {k: vocab_of(two / k) for k in "ab"}
+    mix = loader(two, [0.7, 0.3])
+    seen = []
+    for _ in range(10_000 // 8):
+        seen += [source_of(vocabs, row) for row in next(mix)["input_ids"]]
+    share_a = seen.count("a") / len(seen)
+    assert share_a == pytest.approx(0.7, rel=0.02)
+    assert abs(seen.count("a") - 7000) <= 1  # the greedy schedule is exact to one sample
+    assert mix.state_dict()["counts"] == [seen.count("a"), seen.count("b")]
+    # Each source is far smaller than its share of 10k samples: both went through epochs.
+    assert all(c > n for c, n in zip(mix.counts, mix.blocks))
+
+
+def test_shard_mixture_is_deterministic_layout_free_and_resumable(two: Path) -> None:
+    one = loader(two, [2, 1])
+    want = [next(one)["input_ids"] for _ in range(12)]
+    again = loader(two, [2, 1])
+    assert all(torch.equal(a, next(again)["input_ids"]) for a in want)
+    ranks = [loader(two, [2, 1], r, 2, mb=4) for r in (0, 1)]
+    for a in want:
+        assert torch.equal(a, torch.cat([next(r)["input_ids"] for r in ranks]))
+    mid = loader(two, [2, 1])
+    for _ in range(5):
+        next(mid)
+    resumed = loader(two, [2, 1], 1, 2, mb=4)  # another rank layout continues the same run
+    resumed.load_state_dict(json.loads(json.dumps(mid.state_dict())))
+    other = loader(two, [2, 1], 0, 2, mb=4)
+    other.load_state_dict(mid.state_dict())
+    for a in want[5:]:
+        assert torch.equal(a, torch.cat([next(other)["input_ids"], next(resumed)["input_ids"]]))
+    assert not torch.equal(want[0], next(iter(loader(two, [2, 1], seed=1)))["input_ids"])
+
+
+def test_on_the_fly_mixture_interleaves_documents_by_weight(two: Path) -> None:
+    cfg = DataConfig(source="mixture", val_percent=0.0, sources=[
+        SourceConfig(paths=[str(two / "a.jsonl")], weight=0.25),
+        SourceConfig(paths=[str(two / "b.jsonl")], weight=0.75)])
+    ds, info = load_stream(cfg, seed=3)
+    assert info["weights"] == [0.25, 0.75] and len(info["parts"]) == 2
+    texts = [t for _, t in zip(range(400), (d for _, d in iter_documents(ds, "train", 0.0)))]
+    share_a = np.mean([t.split()[0] in WORDS["a"] for t in texts])
+    assert abs(share_a - 0.25) < 0.05  # seeded draws: binomial noise on 400 documents
+    again, _ = load_stream(cfg, seed=3)
+    assert texts == [t for _, t in zip(range(400), (d for _, d in iter_documents(again, "train", 0.0)))]
+
+
+def test_training_on_a_shard_mixture(two: Path, tmp_path: Path) -> None:
+    run_train(tmp_path, "logging=quiet", "data=mixture",
+              f"data.sources=[{{shards_dir: {two / 'a'}, weight: 3}}, {{shards_dir: {two / 'b'}}}]",
+              "data.seq_len=16", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
+              "trainer.micro_batch_size=4", "trainer.max_steps=3", "trainer.log_every=1",
+              "trainer.eval_every=3", "trainer.sample_tokens=0")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [p["weight"] for p in summary["corpus"]["parts"]] == [3.0, 1.0]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert "val_loss" in read_metrics(tmp_path)[-1]
