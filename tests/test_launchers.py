@@ -50,9 +50,9 @@ def torchrun_two_nodes(run: Path) -> list[list[str]]:
 
 def deepspeed(run: Path) -> list[list[str]]:
     # On DS_ACCELERATOR=cpu the launcher counts one device per NUMA node (1 here, and 1 when
-    # numactl is missing); --num_gpus 2 asks for 2 local processes regardless. It appends
-    # --local_rank=N to the script's arguments unless told not to, which Hydra rejects.
-    return [[str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank",
+    # numactl is missing); --num_gpus 2 asks for 2 local processes regardless. The
+    # --local_rank=N it appends is dropped by lmforge-train.
+    return [[str(BIN / "deepspeed"), "--num_gpus", "2",
              "--master_port", _port(), "--module", *_train(run)[1:]]]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -72,6 +73,10 @@ def setup(timeout_s: float = 1800.0) -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed JIT-builds a CPU comm op; one cache per environment, so two venvs on a
+        # machine do not rebuild it over each other.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                              os.path.join(sys.prefix, "torch_extensions"))
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world,

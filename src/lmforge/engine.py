@@ -137,6 +137,12 @@ class Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=self.config)
         self.stage = config["zero_optimization"]["stage"]
+        # DeepSpeed 0.19 scales the loss in engine.backward() only for its ZeRO optimizers, yet
+        # its stage-0 fp16 optimizer divides the gradients by the loss scale in step()
+        # (deepspeedai/DeepSpeed#8393): the loss is scaled here for that optimizer.
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        self._scale_loss = isinstance(self.optimizer, FP16_UnfusedOptimizer)
         if world_size == 1 and self.stage == 0:
             # DeepSpeed flattens and all-reduces gradients even over a group of one: ~25% of
             # a small model's CPU step for nothing.
@@ -158,15 +164,17 @@ class Engine:
         total = torch.zeros((), device=self.device)
         grad_norm = None
         skipped_before = self.engine.skipped_steps
+        scale = self._loss_scale() if self._scale_loss else 1.0
         for batch in micro_batches:
             loss = self.engine(self._to_device(batch))
-            self.engine.backward(loss)
+            self.engine.backward(loss.float() * scale if self._scale_loss else loss)
             if self.engine.is_gradient_accumulation_boundary() and self._norm_not_tracked():
                 grad_norm = self._plain_fp32_norm_and_guard()
             self.engine.step()
             total += loss.detach().float()
         if grad_norm is None:
-            grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0).float()
+            # FP16_UnfusedOptimizer reports the norm of the still-scaled gradients.
+            grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0).float() / scale
         return total / len(micro_batches), grad_norm, self.engine.skipped_steps == skipped_before
 
     def _plain_fp32_norm_and_guard(self) -> torch.Tensor:
@@ -216,7 +224,11 @@ class Engine:
 
     @property
     def loss_scale(self) -> float:
-        return float(getattr(self.optimizer, "cur_scale", 1.0)) if self.config["fp16"]["enabled"] else 1.0
+        return self._loss_scale() if self.config["fp16"]["enabled"] else 1.0
+
+    def _loss_scale(self) -> float:
+        # ZeRO optimizers have `cur_scale` and `loss_scale`; FP16_[Unfused]Optimizer the latter.
+        return float(getattr(self.optimizer, "loss_scale", None) or 1.0)
 
     @property
     def skipped_steps(self) -> int:

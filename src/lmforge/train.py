@@ -121,6 +121,9 @@ def fail(e: Exception) -> None:
 
 def cli() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK is in the environment too.
+    sys.argv[1:] = [a for a in sys.argv[1:]
+                    if not a.startswith(("--local_rank=", "--local-rank="))]
     precheck(sys.argv[1:])
     main()
 
