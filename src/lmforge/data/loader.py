@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from lmforge.config import ConfigError, DataConfig
 from lmforge.data.packing import Packer, bert_batch, gpt_batch
 from lmforge.data.sources import iter_documents
-from lmforge.data.tokenizer import kind_for, special_ids
+from lmforge.data.tokenizer import encode_documents, kind_for, special_ids
 
 _ENCODE_CHUNK = 32  # documents per encode_batch call
 
@@ -67,10 +67,9 @@ class BlockLoader:
         while True:
             docs, start = self.documents(), self.next_doc
             while chunk := [d for _, d in zip(range(_ENCODE_CHUNK), docs)]:
-                for (i, _), enc in zip(chunk, self.tok.encode_batch([t for _, t in chunk],
-                                                                    add_special_tokens=False)):
+                for (i, _), ids in zip(chunk, encode_documents(self.tok, [t for _, t in chunk])):
                     self.next_doc = i + 1
-                    yield from self.packer.add(enc.ids)
+                    yield from self.packer.add(ids)
             if not self.train:
                 return
             if start == 0 and self.next_doc == 0:

@@ -11,30 +11,42 @@ import torch
 class Packer:
     """Concatenates documents (each followed by `sep_id`) and cuts blocks of `block_len`.
 
-    Its `carry` (tokens not yet emitted) is part of the loader state, so a resume is exact.
+    Its `carry` (tokens not yet emitted, updated before each block is yielded) is part of
+    the loader state, so a resume is exact. Tokens live in one numpy buffer and a read
+    position: a document of millions of tokens is cut in linear time.
     """
 
     def __init__(self, block_len: int, sep_id: int, prefix_id: int | None = None,
                  suffix_id: int | None = None) -> None:
         # BERT blocks are framed as [CLS] body [SEP]; GPT blocks have no frame.
-        self.prefix = [] if prefix_id is None else [prefix_id]
-        self.suffix = [] if suffix_id is None else [suffix_id]
+        self.prefix = np.asarray([] if prefix_id is None else [prefix_id], dtype=np.int64)
+        self.suffix = np.asarray([] if suffix_id is None else [suffix_id], dtype=np.int64)
         self.body_len = block_len - len(self.prefix) - len(self.suffix)
         self.sep_id = sep_id
-        self.carry: list[int] = []
+        self._buf, self._pos = np.zeros(0, dtype=np.int64), 0
 
-    def add(self, ids: list[int]) -> Iterator[np.ndarray]:
+    @property
+    def carry(self) -> list[int]:
+        return self._buf[self._pos:].tolist()
+
+    @carry.setter
+    def carry(self, ids: list[int]) -> None:
+        self._buf, self._pos = np.asarray(ids, dtype=np.int64), 0
+
+    def add(self, ids) -> Iterator[np.ndarray]:
         """Append one document and yield every block it completes."""
-        self.carry.extend(ids)
-        self.carry.append(self.sep_id)
+        self._buf = np.concatenate([self._buf[self._pos:], np.asarray(ids, dtype=np.int64),
+                                    [self.sep_id]])
+        self._pos = 0
         yield from self.drain()
 
     def drain(self) -> Iterator[np.ndarray]:
         """Yield every full block the carried tokens make."""
         n = self.body_len
-        while len(self.carry) >= n:
-            body, self.carry = self.carry[:n], self.carry[n:]
-            yield np.asarray(self.prefix + body + self.suffix, dtype=np.int64)
+        while len(self._buf) - self._pos >= n:
+            body = self._buf[self._pos:self._pos + n]
+            self._pos += n
+            yield np.concatenate([self.prefix, body, self.suffix])
 
 
 def pack_documents(docs: Iterable[list[int]], block_len: int, sep_id: int) -> Iterator[np.ndarray]:

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from lmforge.config import ConfigError
 from lmforge.data.packing import bert_batch_seeded, gpt_batch
+from lmforge.data.tokenizer import encode_documents
 
 FORMAT = "lmforge-shards/1"
 MANIFEST = "manifest.json"
@@ -58,10 +59,10 @@ class _SplitWriter:
         self._starts: list[int] = []
         self._tokens = 0
 
-    def add(self, ids: list[int]) -> None:
+    def add(self, ids: np.ndarray) -> None:
         if self._file is None:
             self._open()
-        arr = np.asarray(ids + [self.sep], dtype=self.dtype)
+        arr = np.append(ids, self.sep).astype(self.dtype)
         data = arr.tobytes()
         self._file.write(data)
         self._hash.update(data)
@@ -87,7 +88,7 @@ class _SplitWriter:
 
 def write_shards(docs: Iterable[tuple[str, str]], tok_path: Path, out: Path, sep_id: int,
                  kind: str, corpus: dict[str, Any], shard_tokens: int = 100_000_000,
-                 batch_docs: int = 256) -> dict[str, Any]:
+                 batch_docs: int = 256, batch_chars: int = 1 << 23) -> dict[str, Any]:
     """Tokenize (split, text) pairs into shards under `out`; returns the manifest.
 
     Memory holds one batch of documents. Everything is written to `out`.tmp and renamed at
@@ -102,16 +103,19 @@ def write_shards(docs: Iterable[tuple[str, str]], tok_path: Path, out: Path, sep
     dtype = token_dtype(vocab)
     writers = {s: _SplitWriter(tmp, s, dtype, sep_id, shard_tokens) for s in SPLITS}
     pending: dict[str, list[str]] = {s: [] for s in SPLITS}
+    chars = dict.fromkeys(SPLITS, 0)
     start = time.perf_counter()
 
     def flush(split: str) -> None:
-        for enc in tok.encode_batch(pending[split], add_special_tokens=False):
-            writers[split].add(enc.ids)
-        pending[split] = []
+        for ids in encode_documents(tok, pending[split]):
+            writers[split].add(ids)
+        pending[split], chars[split] = [], 0
 
     for split, text in docs:
         pending[split].append(text)
-        if len(pending[split]) >= batch_docs:
+        chars[split] += len(text)
+        # Bounded by documents and by characters: memory stays flat for any document size.
+        if len(pending[split]) >= batch_docs or chars[split] >= batch_chars:
             flush(split)
     for split in SPLITS:
         flush(split)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
 
@@ -58,6 +59,44 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int,
     tok.train_from_iterator(_bounded(texts, max_chars), trainer=trainer)
     # A freshly trained Tokenizer encodes ~2x slower than a reloaded one.
     return Tokenizer.from_str(tok.to_str())
+
+
+PIECE_CHARS = 1 << 18  # long documents are encoded in pieces of at most this many characters
+
+
+def pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """`text` cut before a newline (else a space) at most every `limit` characters: a 50 MB
+    line encodes in bounded memory, and tokens rarely straddle a cut."""
+    out, start = [], 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = max(text.rfind("\n", start + 1, end), text.rfind(" ", start + 1, end))
+        end = cut if cut > start else end
+        out.append(text[start:end])
+        start = end
+    out.append(text[start:])
+    return out
+
+
+def encode_documents(tok: Tokenizer, texts: list[str], group_chars: int = 1 << 22
+                     ) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens), as int64 arrays. Long texts are encoded
+    piece by piece and pieces in groups of about `group_chars` characters, so memory holds
+    a few MB of tokenizer output whatever the document sizes."""
+    flat = [(d, p) for d, t in enumerate(texts) for p in pieces(t)]
+    ids: list[list[np.ndarray]] = [[] for _ in texts]
+    start = 0
+    while start < len(flat):
+        end, size = start, 0
+        while end < len(flat) and (end == start or size + len(flat[end][1]) <= group_chars):
+            size += len(flat[end][1])
+            end += 1
+        group = flat[start:end]
+        for (d, _), enc in zip(group, tok.encode_batch([p for _, p in group],
+                                                       add_special_tokens=False)):
+            ids[d].append(np.asarray(enc.ids, dtype=np.int64))
+        start = end
+    return [np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in ids]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
