@@ -40,15 +40,21 @@ def _train_tokenizer(cfg: TrainConfig, out: Path) -> None:
 
 def _documents(cfg: TrainConfig):
     """(split, text) for every non-empty document, in stream order, in one pass."""
-    from lmforge.data.sources import is_validation, load_stream
+    from collections import Counter
+
+    from lmforge.data.sources import is_validation, iter_examples, load_stream, skip_reason
 
     stream, info = load_stream(cfg.data, cfg.trainer.seed)
+    info["skipped"] = Counter()
 
     def gen():
-        for ex in stream:
+        for ex in iter_examples(stream):
+            reason = skip_reason(ex)
+            if reason:
+                info["skipped"][reason] += 1
+                continue
             text = ex["text"]
-            if isinstance(text, str) and text.strip():
-                yield ("validation" if is_validation(text, cfg.data.val_percent) else "train"), text
+            yield ("validation" if is_validation(text, cfg.data.val_percent) else "train"), text
     return gen(), info
 
 
@@ -81,7 +87,8 @@ def cmd_shards(args: argparse.Namespace, cfg: TrainConfig) -> None:
     print(f"wrote {args.out}: " + ", ".join(
         f"{s} {v['tokens']:,} tokens / {v['docs']:,} docs / {len(v['shards'])} shards"
         for s, v in m["splits"].items())
-        + f"; {tokens / max(m['wall_s'], 1e-9):,.0f} tokens/s, peak RSS {rss:,.0f} MiB")
+        + f"; {tokens / max(m['wall_s'], 1e-9):,.0f} tokens/s, peak RSS {rss:,.0f} MiB"
+        + (f"; skipped {dict(m['corpus']['skipped'])}" if m["corpus"]["skipped"] else ""))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

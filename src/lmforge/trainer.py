@@ -179,6 +179,7 @@ class Trainer:
         self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
         self.step, self.tokens, self.wandb_id = 0, 0, None
         self.last_loss, self.last_val, self.bad_steps = float("nan"), None, 0
+        self.data_skipped = 0
         self.tokenizer_sha256 = checkpoint.sha256(run_dir / "tokenizer.json")
         self.meter = Throughput(summary["flops_per_token"], info.world_size,
                                 peak_tflops(info.device, cfg.precision.dtype,
@@ -266,7 +267,8 @@ class Trainer:
                     self.save()
             self.save()
         self.loader.close()
-        self.summary.update(final_loss=self.last_loss, final_val_loss=self.last_val,
+        self.summary.update(data_skipped=self.loader.skipped,
+                            final_loss=self.last_loss, final_val_loss=self.last_val,
                             tokens=self.tokens, steps=self.step,
                             wall_s=round(time.perf_counter() - start, 2))
         self._finish(sinks)
@@ -290,7 +292,12 @@ class Trainer:
 
     def _train_metrics(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> dict[str, Any]:
         self.last_loss = distributed.all_reduce_mean(loss).item()
+        skipped = self.loader.skipped
+        if sum(skipped.values()) > self.data_skipped:
+            log.warning("unusable documents skipped so far: %s", skipped)
+            self.data_skipped = sum(skipped.values())
         return {"loss": self.last_loss, "lr": self.engine.lr, "grad_norm": float(grad_norm),
+                "data_skipped": self.data_skipped,
                 "tokens": self.tokens, "loss_scale": self.engine.loss_scale,
                 "skipped_steps": self.engine.skipped_steps, "bad_steps": self.bad_steps,
                 **self.meter.report()}

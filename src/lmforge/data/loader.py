@@ -2,6 +2,7 @@
 packed blocks -> micro-batches. Takes rank and world size as ints, never a process group."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Iterator
 
 import datasets
@@ -44,6 +45,7 @@ class BlockLoader:
         self.mask_gen = torch.Generator().manual_seed(seed * 1009 + rank)
         self.shuffle_rng = np.random.default_rng([seed, rank])
         self.buffer: list[np.ndarray] = []
+        self.skipped: Counter = Counter()  # unusable documents (first epoch), by reason
         self._blocks: Iterator[np.ndarray] | None = None
 
     def _epoch_stream(self) -> datasets.IterableDataset:
@@ -57,7 +59,8 @@ class BlockLoader:
     def documents(self) -> Iterator[tuple[int, str]]:
         """(index, text) of this reader's documents of the current epoch, from next_doc on."""
         for i, text in iter_documents(self._epoch_stream(), self.split, self.cfg.val_percent,
-                                      start=self.next_doc):
+                                      start=self.next_doc,
+                                      skipped=self.skipped if self.epoch == 0 else None):
             if i % self.world == self.rank:
                 yield i, text
 
@@ -123,7 +126,8 @@ class BlockLoader:
                 # Tensors: cheap to send from a loader worker with every batch.
                 "buffer": torch.from_numpy(np.stack(self.buffer)) if self.buffer
                 else torch.zeros(0, dtype=torch.int64),
-                "shuffle_rng": self.shuffle_rng.bit_generator.state}
+                "shuffle_rng": self.shuffle_rng.bit_generator.state,
+                "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; it must come from the same rank layout."""
@@ -140,4 +144,5 @@ class BlockLoader:
         self.mask_gen.set_state(torch.as_tensor(state["mask_rng"], dtype=torch.uint8))
         self.buffer = [row.numpy() for row in state["buffer"]]
         self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
+        self.skipped = Counter(state.get("skipped", {}))
         self._blocks = None

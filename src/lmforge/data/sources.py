@@ -3,11 +3,15 @@ datasets, streamed through `datasets`, split into train/validation by content ha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
+import json
+import logging
 import os
 import sysconfig
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +20,7 @@ import datasets
 from lmforge.config import ConfigError, DataConfig
 
 datasets.disable_progress_bars()
+log = logging.getLogger("lmforge")
 
 # Test suites, codec tables and vendored packages are low-value or machine-specific text.
 _SKIP_DIRS = {"test", "tests", "idle_test", "encodings", "site-packages", "dist-packages",
@@ -85,19 +90,61 @@ def load_stream(cfg: DataConfig, seed: int = 0) -> tuple[datasets.IterableDatase
         ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split,
                                    streaming=True)
         info = {"source": "hub", "name": cfg.hub_name, "config": cfg.hub_config}
+        field = cfg.text_field
     else:
         files = embedded_corpus_files() if cfg.source == "embedded" else resolve_files(cfg.paths)
+        empty = [f for f in files if f.stat().st_size == 0]
+        if empty:
+            log.warning("skipping %d empty file(s): %s", len(empty),
+                        ", ".join(str(f) for f in empty[:3]) + (" ..." if len(empty) > 3 else ""))
+            files = [f for f in files if f.stat().st_size > 0]
+        if not files:
+            raise ConfigError(f"every file of data.paths={list(cfg.paths)} is empty")
         fmt = "text" if cfg.source == "embedded" else _format_of(files, cfg.format)
-        kw = {"sample_by": "document"} if fmt == "text" else {}
+        data_files = [str(f) for f in files]
         if fmt == "parquet":
-            kw["columns"] = [cfg.text_field]
-        ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train",
-                                   streaming=True, **kw)
-        info = {"source": cfg.source, "format": fmt, **fingerprint(files)}
-    field = "text" if cfg.source == "embedded" else cfg.text_field
+            ds = datasets.load_dataset("parquet", data_files=data_files, split="train",
+                                       streaming=True, columns=[cfg.text_field])
+            field = cfg.text_field
+        else:
+            # Bad bytes become U+FFFD and such documents are skipped and counted (see
+            # skip_reason) instead of an exception in the middle of a run.
+            ds = datasets.load_dataset("text", data_files=data_files, split="train",
+                                       streaming=True, encoding_errors="replace",
+                                       sample_by="document" if fmt == "text" else "line")
+            field = "text"
+            if fmt == "json":  # parsed per line here: a bad line is skipped, not fatal
+                ds = ds.map(functools.partial(_json_line, field=cfg.text_field))
+        info = {"source": cfg.source, "format": fmt, **fingerprint(files),
+                "empty_files": len(empty)}
     if field != "text":
         ds = ds.rename_column(field, "text")
     return ds, info
+
+
+def _json_line(ex: dict, field: str) -> dict:
+    """One JSONL line -> {"text": its field, "skip": why it has none}."""
+    try:
+        obj = json.loads(ex["text"])
+    except ValueError:
+        return {"text": None, "skip": "bad_json" if ex["text"].strip() else "empty"}
+    text = obj.get(field) if isinstance(obj, dict) else None
+    return {"text": text if isinstance(text, str) else None,
+            "skip": None if isinstance(text, str) else "no_text_field"}
+
+
+def skip_reason(ex: dict) -> str | None:
+    """Why a document is not used (counted by the loader), or None."""
+    if ex.get("skip"):
+        return ex["skip"]
+    text = ex["text"]
+    if not isinstance(text, str) or not text.strip():
+        return "empty"
+    if "\x00" in text:
+        return "binary"
+    if "\ufffd" in text:
+        return "not_utf8"
+    return None
 
 
 def is_validation(text: str, val_percent: float) -> bool:
@@ -106,17 +153,29 @@ def is_validation(text: str, val_percent: float) -> bool:
 
 
 def iter_documents(ds: datasets.IterableDataset, split: str, val_percent: float,
-                   start: int = 0) -> Iterator[tuple[int, str]]:
-    """(index, text) of non-empty documents of one split; index counts that split's documents."""
+                   start: int = 0, skipped: Counter | None = None) -> Iterator[tuple[int, str]]:
+    """(index, text) of the usable documents of one split; index counts that split's
+    documents. Unusable ones (empty, binary, not UTF-8, bad JSON line, no text field) are
+    counted in `skipped` once the index reaches `start`."""
     want_val = split == "validation"
     i = 0
-    # .iter(), not iter(ds): inside a DataLoader worker, iter(ds) would hand this worker only
-    # some of the files; lmforge shards by document index itself.
-    for text in (t for batch in ds.iter(batch_size=64) for t in batch["text"]):
-        if not isinstance(text, str) or not text.strip():
+    for ex in iter_examples(ds):
+        reason = skip_reason(ex)
+        if reason:
+            if skipped is not None and i >= start:
+                skipped[reason] += 1
             continue
+        text = ex["text"]
         if is_validation(text, val_percent) != want_val:
             continue
         if i >= start:
             yield i, text
         i += 1
+
+
+def iter_examples(ds: datasets.IterableDataset) -> Iterator[dict]:
+    """Every example of the stream, in order, in any process."""
+    # .iter(), not iter(ds): inside a DataLoader worker, iter(ds) would hand this worker only
+    # some of the files; lmforge shards by document index itself.
+    for batch in ds.iter(batch_size=64):
+        yield from ({k: batch[k][j] for k in batch} for j in range(len(batch["text"])))

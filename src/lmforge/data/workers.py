@@ -64,6 +64,17 @@ class WorkerLoader:
         self.served += 1
         return batch
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Unusable documents seen so far, by reason (every reader sees every document)."""
+        if self.num_workers == 0 or not self.states:
+            return dict(getattr(self.loader, "skipped", {}))
+        out: dict[str, int] = {}
+        for st in filter(None, self.states):
+            for k, v in st.get("skipped", {}).items():
+                out[k] = max(out.get(k, 0), v)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         if self.num_workers == 0:
             return self.loader.state_dict()
