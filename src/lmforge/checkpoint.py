@@ -141,11 +141,110 @@ def save(engine: Any, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], 
     return final
 
 
+def saved_world_size(ckpt: Path) -> int:
+    """How many ranks wrote `ckpt` (each wrote one trainer_rank{r}.pt)."""
+    return len(list(ckpt.glob("trainer_rank*.pt")))
+
+
+def saved_zero_stage(ckpt: Path) -> int | None:
+    """parallel.zero_stage of the run that wrote `ckpt` (its own copy of config.yaml), or
+    None when it has none."""
+    from omegaconf import OmegaConf
+
+    if not (ckpt / "config.yaml").is_file():
+        return None
+    return int(OmegaConf.load(ckpt / "config.yaml").parallel.zero_stage)
+
+
+def partitioned(ckpt: Path) -> bool:
+    """True when DeepSpeed split the optimizer state over the data-parallel ranks (ZeRO 1-3:
+    one *zero_pp_rank_{r}_*optim_states.pt per rank). At ZeRO-0 the whole model and optimizer
+    state is in mp_rank_00_model_states.pt, which any number of ranks can load."""
+    return any(ckpt.glob("*zero_pp_rank_*optim_states.pt"))
+
+
 def load_trainer_state(ckpt: Path, rank: int) -> dict[str, Any]:
-    """This rank's trainer state (tensors and plain types only: nothing is unpickled)."""
+    """Rank `rank`'s trainer state (tensors and plain types only: nothing is unpickled)."""
     path = ckpt / f"trainer_rank{rank}.pt"
     if not path.is_file():
-        n = len(list(ckpt.glob("trainer_rank*.pt")))
-        raise RuntimeError(f"{path} is missing: {ckpt} was written by {n} ranks; resume it "
-                           f"with {n} processes")
+        raise RuntimeError(f"{path} is missing: {ckpt} was written by {saved_world_size(ckpt)} "
+                           "ranks")
     return torch.load(path, weights_only=True)
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Fresh python/torch RNG streams derived from (seed, step, rank), for a resume whose
+    ranks have no saved stream of their own (another world size)."""
+    import numpy as np
+
+    s = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+    random.seed(s)
+    torch.manual_seed(s)  # CUDA generators too
+
+
+UNIVERSAL_PREFIX = ".universal-"
+
+
+def to_universal(ckpt: Path, out: Path) -> None:
+    """Convert the DeepSpeed files of `ckpt` into a universal checkpoint in `out` (every
+    parameter's fp32 weights and Adam moments whole, in out/zero/<name>/), with DeepSpeed's
+    own converter, deepspeed/checkpoint/ds_to_universal.py. `ckpt` is only read: the
+    universal-checkpoint metadata DeepSpeed wants (our engine does not write it) is added in
+    memory (--inject_missing_state). Its progress output goes to the log at debug level."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(out, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(out),
+                              num_extract_workers=1, num_merge_workers=1,  # no process pool
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            ds_to_universal.main(args)
+    except Exception as e:
+        shutil.rmtree(out, ignore_errors=True)
+        raise RuntimeError(f"DeepSpeed could not convert {ckpt} to a universal checkpoint "
+                           f"({type(e).__name__}: {e})") from e
+    finally:
+        log.debug("%s", text.getvalue())
+
+
+def load_universal(engine: Any, universal: Path) -> None:
+    """Load a universal checkpoint (from to_universal) into `engine` (lmforge.engine.Engine),
+    whatever the world size. DeepSpeed reads its checkpoint.load_universal switch at load
+    time, so it is on only for this call. Two slips of DeepSpeed 0.19.8's ZeRO-3 universal
+    load are then put right (both no-ops where DeepSpeed got it right):
+    - it gives every parameter group group 0's hyperparameters (our no-decay group would get
+      weight decay): each group gets back its own, as saved;
+    - it gives every ZeRO-3 sub-group's Adam state one shared `step` tensor, which torch's
+      AdamW then increments once per sub-group per step (wrong bias correction): each gets
+      its own copy."""
+    cfg = engine.engine._config
+    before = cfg.load_universal_checkpoint
+    cfg.load_universal_checkpoint = True
+    ds_log = logging.getLogger("DeepSpeed")  # "MPU is not provided, setting tp size to 1"
+    level = ds_log.level
+    ds_log.setLevel(logging.ERROR)
+    try:
+        engine.load(universal.parent, universal.name)
+    finally:
+        cfg.load_universal_checkpoint = before
+        ds_log.setLevel(level)
+    if engine.stage != 3:
+        return
+    base = engine.optimizer.optimizer  # the torch optimizer inside DeepSpeed's ZeRO-3 one
+    # DeepSpeed's own output, which it has just unpickled itself (it holds a ZeroStageEnum).
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]["param_groups"]
+    if len(saved) != len(base.param_groups):
+        raise RuntimeError(f"{universal} has {len(saved)} optimizer parameter groups, the "
+                           f"optimizer {len(base.param_groups)}")
+    for group, want in zip(base.param_groups, saved):
+        group.update({k: v for k, v in want.items() if k != "params"})
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

@@ -187,7 +187,17 @@ class Trainer:
                                 summary.get("hardware_flops_per_token"))
 
     def resume(self) -> None:
-        """Continue from trainer.resume_from, or from this run's newest good checkpoint."""
+        """Continue from trainer.resume_from, or from this run's newest good checkpoint.
+
+        With another number of ranks than the checkpoint was written by, only a layout-free
+        data position (data=shards: one global sample count) can continue: every rank takes
+        rank 0's step, tokens and position, so the run goes on at the next global sample,
+        none repeated or skipped. Each rank's RNG stream is then re-derived from (seed, step,
+        rank), since the old ranks' streams have no owner; the trainer's RNG drives only
+        dropout (shard order and BERT masks are seeded by sample index), so only the dropout
+        masks differ from an uninterrupted run. The engine state: ZeRO-0 loads as it is;
+        the partitioned optimizer state of ZeRO 1-3 is first converted (never in place) to
+        a DeepSpeed universal checkpoint in checkpoints/.universal-<tag>/, removed after."""
         explicit = self.cfg.trainer.resume_from
         if explicit:
             ckpt = Path(explicit)
@@ -198,16 +208,57 @@ class Trainer:
             ckpt = checkpoint.latest_good(self.ckpt_dir)
             if ckpt is None:
                 return
-        state = checkpoint.load_trainer_state(ckpt, self.info.rank)
+        saved, world = checkpoint.saved_world_size(ckpt), self.info.world_size
+        regrid = saved != world
+        by = f"{ckpt} was written by {saved} rank{'s' * (saved != 1)}"
+        if regrid and not self.loader.layout_free:
+            raise ConfigError(f"{by}, this run has {world}: on-the-fly data resumes only with "
+                              f"the same number of ranks ({saved}); data=shards resumes with any")
+        state = checkpoint.load_trainer_state(ckpt, 0 if regrid else self.info.rank)
         for key, now in [("model", dataclasses.asdict(self.cfg.model)),
                          ("tokenizer_sha256", self.tokenizer_sha256)]:
             if state[key] != now:
                 raise ConfigError(f"{ckpt} was trained with a different {key.split('_')[0]}; "
                                   "resume it unchanged or start a new run (hydra.run.dir=...)")
-        self.engine.load(ckpt.parent, ckpt.name)
+        stage, saved_stage = self.cfg.parallel.zero_stage, checkpoint.saved_zero_stage(ckpt)
+        if regrid and saved_stage not in (None, stage):
+            raise ConfigError(f"{by} at ZeRO-{saved_stage}; with another number of ranks "
+                              f"resume it at the same stage (parallel=zero{saved_stage})")
+        if regrid and checkpoint.partitioned(ckpt):
+            scratch = self.ckpt_dir / f"{checkpoint.UNIVERSAL_PREFIX}{ckpt.name}"
+            universal = scratch / ckpt.name  # DeepSpeed also writes scratch/latest_universal
+
+            def convert() -> None:
+                t0 = time.perf_counter()
+                for stale in self.ckpt_dir.glob(checkpoint.UNIVERSAL_PREFIX + "*"):
+                    shutil.rmtree(stale)  # left by a killed resume
+                scratch.mkdir(parents=True)
+                try:
+                    checkpoint.to_universal(ckpt, universal)
+                except RuntimeError as e:
+                    raise ConfigError(f"{by} at ZeRO-{stage}: {e}; resume it with {saved} "
+                                      f"rank{'s' * (saved != 1)}") from None
+                log.info("%s at ZeRO-%d, this run has %d: converted to a DeepSpeed universal "
+                         "checkpoint in %.1fs", by, stage, world, time.perf_counter() - t0)
+
+            try:
+                on_main(self.info, convert)
+                checkpoint.load_universal(self.engine, universal)
+            finally:
+                distributed.barrier()
+                if self.info.is_main:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            self.engine.load(ckpt.parent, ckpt.name)
         self.step, self.tokens, self.wandb_id = state["step"], state["tokens"], state["wandb_id"]
         self.loader.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
+        if regrid:
+            checkpoint.reseed(self.cfg.trainer.seed, self.step, self.info.rank)
+            log.info("%s, this run has %d: the data continues at global sample %d; per-rank "
+                     "RNG streams (dropout) restart from (seed, step, rank)", by, world,
+                     state["loader"]["consumed"])
+        else:
+            checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s (step %d, %d tokens)", ckpt, self.step, self.tokens)
 
     def save(self) -> None:
