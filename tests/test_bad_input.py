@@ -5,7 +5,6 @@ bounded memory. (Damaged shards: test_shards.py.)"""
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from collections import Counter

@@ -2,7 +2,6 @@
 kills never lose the last good checkpoint, and a resumed run equals an uninterrupted one."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from conftest import compose
 from lmforge.config import ConfigError, resolve_grad_accum

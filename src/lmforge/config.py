@@ -6,7 +6,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 
 class ConfigError(ValueError):

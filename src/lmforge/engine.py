@@ -2,7 +2,9 @@
 imports DeepSpeed."""
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,6 +12,8 @@ import torch
 from torch import nn
 
 from lmforge.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig
+
+log = logging.getLogger("lmforge")
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -115,6 +119,34 @@ def create_model(build: Callable[[], nn.Module], config: dict[str, Any],
         model = build()
     model.init_weights(gather=lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=0))
     return model
+
+
+def to_universal(ckpt: Path, out: Path) -> None:
+    """Convert the DeepSpeed files of `ckpt` into a universal checkpoint in `out` (every
+    parameter's fp32 weights and Adam moments whole, in out/zero/<name>/), with DeepSpeed's
+    own converter, deepspeed/checkpoint/ds_to_universal.py. `ckpt` is only read: the
+    universal-checkpoint metadata DeepSpeed wants (our engine does not write it) is added in
+    memory (--inject_missing_state). Its progress output goes to the log at debug level."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(out, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(out),
+                              num_extract_workers=1, num_merge_workers=1,  # no process pool
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            ds_to_universal.main(args)
+    except Exception as e:
+        shutil.rmtree(out, ignore_errors=True)
+        raise RuntimeError(f"DeepSpeed could not convert {ckpt} to a universal checkpoint "
+                           f"({type(e).__name__}: {e})") from e
+    finally:
+        log.debug("%s", text.getvalue())
 
 
 class Engine:
@@ -246,3 +278,39 @@ class Engine:
         if path is None:
             raise RuntimeError(f"checkpoint {directory / tag} could not be loaded")
         return client
+
+    def load_universal(self, universal: Path) -> None:
+        """Load a universal checkpoint (from to_universal) into this engine,
+        whatever the world size. DeepSpeed reads its checkpoint.load_universal switch at load
+        time, so it is on only for this call. Two slips of DeepSpeed 0.19.8's ZeRO-3 universal
+        load are then put right (both no-ops where DeepSpeed got it right):
+        - it gives every parameter group group 0's hyperparameters (our no-decay group would get
+          weight decay): each group gets back its own, as saved;
+        - it gives every ZeRO-3 sub-group's Adam state one shared `step` tensor, which torch's
+          AdamW then increments once per sub-group per step (wrong bias correction): each gets
+          its own copy."""
+        cfg = self.engine._config
+        before = cfg.load_universal_checkpoint
+        cfg.load_universal_checkpoint = True
+        ds_log = logging.getLogger("DeepSpeed")  # "MPU is not provided, setting tp size to 1"
+        level = ds_log.level
+        ds_log.setLevel(logging.ERROR)
+        try:
+            self.load(universal.parent, universal.name)
+        finally:
+            cfg.load_universal_checkpoint = before
+            ds_log.setLevel(level)
+        if self.stage != 3:
+            return
+        base = self.optimizer.optimizer  # the torch optimizer inside DeepSpeed's ZeRO-3 one
+        # DeepSpeed's own output, which it has just unpickled itself (it holds a ZeroStageEnum).
+        saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
+                           weights_only=False)["optimizer_state_dict"]["param_groups"]
+        if len(saved) != len(base.param_groups):
+            raise RuntimeError(f"{universal} has {len(saved)} optimizer parameter groups, the "
+                               f"optimizer {len(base.param_groups)}")
+        for group, want in zip(base.param_groups, saved):
+            group.update({k: v for k, v in want.items() if k != "params"})
+        for state in base.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()

@@ -23,7 +23,7 @@ from lmforge.data.sources import iter_documents, load_stream
 from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids, train_tokenizer
 from lmforge.data.workers import WorkerLoader
 from lmforge.distributed import DistInfo
-from lmforge.engine import Engine, create_model, ds_config
+from lmforge.engine import Engine, create_model, ds_config, to_universal
 from lmforge.loggers import build_sinks
 from lmforge.metrics import Throughput, flops_per_token, head_fraction, peak_tflops
 from lmforge.models import build_model
@@ -234,7 +234,7 @@ class Trainer:
                     shutil.rmtree(stale)  # left by a killed resume
                 scratch.mkdir(parents=True)
                 try:
-                    checkpoint.to_universal(ckpt, universal)
+                    to_universal(ckpt, universal)
                 except RuntimeError as e:
                     raise ConfigError(f"{by} at ZeRO-{stage}: {e}; resume it with {saved} "
                                       f"rank{'s' * (saved != 1)}") from None
@@ -243,7 +243,7 @@ class Trainer:
 
             try:
                 on_main(self.info, convert)
-                checkpoint.load_universal(self.engine, universal)
+                self.engine.load_universal(universal)
             finally:
                 distributed.barrier()
                 if self.info.is_main:
