@@ -1,0 +1,121 @@
+"""Can one data process keep a GPU fed? Tokens/s delivered by the tokenizer alone, the
+on-the-fly loader and the shard loader (one process each, measured here), each divided by
+what one H100 consumes training gpt2_124m at 50% MFU; then the time and peak RSS of
+preparing a corpus of --prep-gb GB into shards.
+Usage: .venv/bin/python bench/data_throughput.py [--prep-gb 1] [--seconds 10]"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# One process, one thread: the per-process figure the issue asks for.
+os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                  RAYON_NUM_THREADS="1")
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN, MB, VOCAB = 1024, 8, 8192
+H100_BF16_TFLOPS, MFU = 989.0, 0.5
+
+
+def gpu_demand() -> float:
+    """Tokens/s one H100 trains gpt2_124m (seq 1024, GPT-2 vocab) at 50% MFU."""
+    from lmforge.metrics import flops_per_token
+    from lmforge.prepare import compose
+
+    cfg = compose(["model=gpt2_124m", "model.vocab_size=50257", f"data.seq_len={SEQ_LEN}"])
+    return H100_BF16_TFLOPS * 1e12 * MFU / flops_per_token(cfg.model, SEQ_LEN)
+
+
+def rate(batches, seconds: float) -> float:
+    """Tokens/s of `batches` (an iterator of GPT micro-batches) over about `seconds`."""
+    next(batches)  # warm-up: first file opened, first permutation drawn
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += next(batches)["input_ids"].numel()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prep-gb", type=float, default=1.0)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--out", default=str(REPO / "bench/results/data_throughput.json"))
+    a = ap.parse_args()
+
+    from lmforge.config import DataConfig
+    from lmforge.data.loader import BlockLoader
+    from lmforge.data.shards import ShardLoader, ShardSet
+    from lmforge.data.sources import embedded_corpus_files, iter_documents, load_stream
+    from lmforge.data.tokenizer import load_tokenizer, special_ids
+
+    demand = gpu_demand()
+    print(f"one H100, gpt2_124m at 50% MFU of {H100_BF16_TFLOPS:.0f} TFLOP/s: "
+          f"{demand / 1e6:.3f} M tokens/s", flush=True)
+    results: dict = {"h100_demand_tokens_per_s": demand, "seq_len": SEQ_LEN,
+                     "micro_batch": MB, "vocab": VOCAB}
+    prep = [sys.executable, "-m", "lmforge.prepare"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        subprocess.run([*prep, "shards", "--out", str(tmp / "shards"), "--threads", "1",
+                        f"tokenizer.vocab_size={VOCAB}"], cwd=REPO, check=True,
+                       capture_output=True)
+        tok = load_tokenizer(tmp / "shards/tokenizer.json")
+
+        cfg = DataConfig(seq_len=SEQ_LEN)
+        stream, _ = load_stream(cfg)
+        docs = [d for _, d in zip(range(300), (t for _, t in iter_documents(stream, "train", 2.0)))]
+        n_tok, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < a.seconds:
+            n_tok += sum(len(e.ids) for e in tok.encode_batch(docs, add_special_tokens=False))
+        results["tokenizer_encode"] = n_tok / (time.perf_counter() - t0)
+
+        results["on_the_fly_loader"] = rate(iter(BlockLoader(stream, tok, "gpt", cfg, MB)),
+                                            a.seconds)
+        shards = ShardLoader(ShardSet(tmp / "shards", "train"), "gpt", special_ids(tok, "bpe"),
+                             SEQ_LEN, MB)
+        results["shard_loader"] = rate(iter(shards), a.seconds)
+        for key in ("tokenizer_encode", "on_the_fly_loader", "shard_loader"):
+            print(f"{key:>18}: {results[key] / 1e6:8.3f} M tokens/s = "
+                  f"{results[key] / demand:7.2f}x one H100", flush=True)
+
+        if a.prep_gb > 0:
+            # A corpus of --prep-gb GB: the embedded corpus's files, concatenated over and over.
+            corpus, target = tmp / "corpus", int(a.prep_gb * 2**30)
+            corpus.mkdir()
+            files, size, k = embedded_corpus_files(), 0, 0
+            while size < target:
+                f = corpus / f"part{k:04d}.txt"
+                with open(f, "wb") as out:
+                    for src in files:
+                        out.write(src.read_bytes())
+                size, k = size + f.stat().st_size, k + 1
+            t0 = time.perf_counter()
+            subprocess.run([*prep, "shards", "--out", str(tmp / "big"), "--tokenizer",
+                                   str(tmp / "shards/tokenizer.json"), "data=files",
+                                   f"data.paths=[{corpus}/*.txt]"], cwd=REPO, check=True,
+                                  capture_output=True, text=True,
+                                  env={**os.environ, "RAYON_NUM_THREADS": str(os.cpu_count())})
+            wall = time.perf_counter() - t0
+            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+            manifest = json.loads((tmp / "big/manifest.json").read_text())
+            tokens = sum(s["tokens"] for s in manifest["splits"].values())
+            results["prepare"] = {"corpus_bytes": size, "tokens": tokens, "wall_s": wall,
+                                  "tokens_per_s": tokens / wall, "peak_rss_gb": rss,
+                                  "threads": os.cpu_count()}
+            print(f"prepare {size / 2**30:.2f} GB -> {tokens / 1e6:.0f} M tokens in {wall:.0f}s "
+                  f"({tokens / wall / 1e6:.2f} M tokens/s, {os.cpu_count()} threads), "
+                  f"peak RSS {rss:.2f} GB (largest child process)", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
