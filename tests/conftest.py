@@ -64,3 +64,25 @@ def text_corpus(tmp_path: Path) -> Path:
             body = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
             f.write(json.dumps({"text": f"doc {i}: {body}.", "id": i}) + "\n")
     return path
+
+
+WORDS = "alpha beta gamma delta shard rank batch step loss token grad zero".split()
+
+
+def random_corpus(path: Path, n_docs: int, seed: int, lengths: tuple[int, int] = (10, 200),
+                  words: list[str] = WORDS, prefix: str = "") -> Path:
+    """A JSONL file of n_docs documents of random words (prefix formatted with the index)."""
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps({"text": prefix.format(i) + " ".join(
+        rng.choice(words) for _ in range(rng.randint(*lengths)))}) + "\n" for i in range(n_docs)))
+    return path
+
+
+def prepare_shards(corpus: Path, out: Path, *overrides: str) -> Path:
+    """`lmforge-prepare shards` of a JSONL corpus into `out`, as a user runs it."""
+    subprocess.run([sys.executable, "-m", "lmforge.prepare", "shards", "--out", str(out),
+                    "data=files", f"data.paths=[{corpus}]", *overrides],
+                   cwd=REPO, check=True, capture_output=True)
+    return out

@@ -4,13 +4,11 @@ and 2 ranks x micro batch 4 under ZeRO 0-3; and the ZeRO stages really shard."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_metrics, run_train
+from conftest import prepare_shards, random_corpus, read_metrics, run_train
 from test_multiproc import run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
@@ -20,20 +18,9 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import random
-
     root = tmp_path_factory.mktemp("parity")
-    rng = random.Random(1)
-    words = "alpha beta gamma delta shard rank batch step loss token grad zero".split()
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(
-        json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(10, 200)))})
-        + "\n" for _ in range(300)))
-    out = root / "shards"
-    subprocess.run([sys.executable, "-m", "lmforge.prepare", "shards", "--out", str(out),
-                    "data=files", f"data.paths=[{corpus}]", "tokenizer.vocab_size=256"],
-                   cwd=REPO, check=True, capture_output=True)
-    return out
+    return prepare_shards(random_corpus(root / "corpus.jsonl", 300, seed=1), root / "shards",
+                          "tokenizer.vocab_size=256")
 
 
 def common(shards: Path) -> list[str]:

@@ -6,16 +6,12 @@ DeepSpeed universal checkpoint on the way; the checkpoint resumed is never modif
 On-the-fly data has a per-rank position: resuming it on another number of ranks is refused."""
 from __future__ import annotations
 
-import json
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, read_metrics
+from conftest import TINY, prepare_shards, random_corpus, read_metrics
 from lmforge.checkpoint import verify
 from test_multiproc import run_ranks, spawn_ranks, wait_all
 
@@ -27,17 +23,8 @@ GLOBAL_BATCH = 8
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shards")
-    rng = random.Random(7)
-    words = "alpha beta gamma delta shard rank batch step loss token grad zero".split()
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(
-        json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))})
-        + "\n" for _ in range(300)))
-    out = root / "gpt"
-    subprocess.run([sys.executable, "-m", "lmforge.prepare", "shards", "--out", str(out),
-                    "data=files", f"data.paths=[{corpus}]", "tokenizer.vocab_size=256"],
-                   cwd=REPO, check=True, capture_output=True)
-    return out
+    return prepare_shards(random_corpus(root / "corpus.jsonl", 300, seed=7, lengths=(5, 60)),
+                          root / "gpt", "tokenizer.vocab_size=256")
 
 
 def args(shards: Path, stage: int) -> list[str]:

@@ -3,15 +3,12 @@ batches through worker processes are the ones the in-process readers make, and a
 position resumes exactly (shards: also with another number of workers)."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import prepare_shards, random_corpus
 from lmforge.config import ConfigError, DataConfig
 from lmforge.data.loader import BlockLoader
 from lmforge.data.shards import ShardLoader, ShardSet
@@ -22,18 +19,11 @@ from lmforge.data.workers import WorkerLoader
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import random
-
     root = tmp_path_factory.mktemp("workers")
-    rng = random.Random(3)
-    words = "one two three four five six seven eight nine ten".split()
-    path = root / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": f"doc{i} " + " ".join(
-        rng.choice(words) for _ in range(rng.randint(5, 80)))}) + "\n" for i in range(240)))
-    out = root / "shards"
-    subprocess.run([sys.executable, "-m", "lmforge.prepare", "shards", "--out", str(out),
-                    "data=files", f"data.paths=[{path}]", "tokenizer.vocab_size=300"],
-                   cwd=REPO, check=True, capture_output=True)
+    path = random_corpus(root / "corpus.jsonl", 240, seed=3, lengths=(5, 80),
+                         words="one two three four five six seven eight nine ten".split(),
+                         prefix="doc{} ")
+    prepare_shards(path, root / "shards", "tokenizer.vocab_size=300")
     return root
 
 

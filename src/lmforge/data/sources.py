@@ -94,7 +94,7 @@ def load_stream(cfg: DataConfig, seed: int = 0) -> tuple[datasets.IterableDatase
     else:
         files = embedded_corpus_files() if cfg.source == "embedded" else resolve_files(cfg.paths)
         empty = [f for f in files if f.stat().st_size == 0]
-        if empty:
+        if empty and cfg.source != "embedded":  # the stdlib has empty __init__.py files
             log.warning("skipping %d empty file(s): %s", len(empty),
                         ", ".join(str(f) for f in empty[:3]) + (" ..." if len(empty) > 3 else ""))
             files = [f for f in files if f.stat().st_size > 0]
