@@ -92,9 +92,11 @@ def encode_documents(tok: Tokenizer, texts: list[str], group_chars: int = 1 << 2
             size += len(flat[end][1])
             end += 1
         group = flat[start:end]
-        for (d, _), enc in zip(group, tok.encode_batch([p for _, p in group],
-                                                       add_special_tokens=False)):
-            ids[d].append(np.asarray(enc.ids, dtype=np.int64))
+        # _fast: no character offsets, which lmforge never uses (~1.6x faster here).
+        for (d, _), enc in zip(group, tok.encode_batch_fast([p for _, p in group],
+                                                            add_special_tokens=False)):
+            got = enc.ids
+            ids[d].append(np.fromiter(got, dtype=np.int64, count=len(got)))
         start = end
     return [np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in ids]
 
