@@ -85,6 +85,15 @@ def test_worker_position_resumes_exactly(corpus: Path, kind: str, tmp_path: Path
     assert all(torch.equal(a, b) for a, b in zip(straight[5:], take(again, 7)))
 
 
+def test_resume_before_every_worker_has_served(corpus: Path, tmp_path: Path) -> None:
+    straight = take(WorkerLoader(block_loader(corpus), num_workers=3), 5)
+    first = WorkerLoader(block_loader(corpus), num_workers=3)
+    take(first, 1)  # workers 1 and 2 have handed out nothing yet
+    again = WorkerLoader(block_loader(corpus), num_workers=3)
+    again.load_state_dict(first.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(straight[1:], take(again, 4)))
+
+
 def test_shard_batches_do_not_depend_on_the_number_of_workers(corpus: Path) -> None:
     want = take(WorkerLoader(shard_loader(corpus), num_workers=0), 9)
     assert all(torch.equal(a, b) for a, b in

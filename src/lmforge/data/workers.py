@@ -29,7 +29,7 @@ class _WorkerShare(IterableDataset):
         # worker that comes after the last one served, so identities are rotated.
         w = (get_worker_info().id + self.served) % self.n_workers
         mine = self.loader.for_worker(w, self.n_workers)
-        if self.states is not None:
+        if self.states is not None and self.states[w] is not None:  # else: none served yet
             mine.load_state_dict(self.states[w])
         for batch in mine:
             yield w, batch, mine.state_dict()
