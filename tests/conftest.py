@@ -86,3 +86,16 @@ def prepare_shards(corpus: Path, out: Path, *overrides: str) -> Path:
                     "data=files", f"data.paths=[{corpus}]", *overrides],
                    cwd=REPO, check=True, capture_output=True)
     return out
+
+
+def same_state(a, b) -> bool:
+    """Equality of nested state dicts that hold tensors."""
+    import torch
+
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b

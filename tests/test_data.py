@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import compose
+from conftest import compose, same_state
 from lmforge.config import ConfigError, DataConfig
 from lmforge.data.loader import BlockLoader
 from lmforge.data.packing import Packer, mask_tokens, pack_documents
@@ -140,10 +140,7 @@ def test_loader_state_roundtrip_gives_identical_batches(bpe, tmp_path) -> None:
         b.load_state_dict(state)
         for want, got in zip(expected, [next(b) for _ in range(4)]):
             assert all(torch.equal(want[k], got[k]) for k in want)
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k], k
+        assert same_state(a.state_dict(), b.state_dict())
 
 
 def saved_and_loaded(state: dict, tmp_path) -> dict:
