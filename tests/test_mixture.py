@@ -100,7 +100,7 @@ def test_shard_mixture_is_deterministic_layout_free_and_resumable(two: Path) -> 
 
 def test_on_the_fly_mixture_interleaves_documents_by_weight(two: Path) -> None:
     cfg = DataConfig(source="mixture", val_percent=0.0, sources=[
-        SourceConfig(paths=[str(two / "a.jsonl")], weight=0.25),
+        SourceConfig(path=str(two / "a.jsonl"), weight=0.25),
         SourceConfig(paths=[str(two / "b.jsonl")], weight=0.75)])
     ds, info = load_stream(cfg, seed=3)
     assert info["weights"] == [0.25, 0.75] and len(info["parts"]) == 2
@@ -113,7 +113,8 @@ def test_on_the_fly_mixture_interleaves_documents_by_weight(two: Path) -> None:
 
 def test_training_on_a_shard_mixture(two: Path, tmp_path: Path) -> None:
     run_train(tmp_path, "logging=quiet", "data=mixture",
-              f"data.sources=[{{shards_dir: {two / 'a'}, weight: 3}}, {{shards_dir: {two / 'b'}}}]",
+              # `path` finds the shards by their manifest; shards_dir names them outright.
+              f"data.sources=[{{path: {two / 'a'}, weight: 3}}, {{shards_dir: {two / 'b'}}}]",
               "data.seq_len=16", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
               "trainer.micro_batch_size=4", "trainer.max_steps=3", "trainer.log_every=1",
               "trainer.eval_every=3", "trainer.sample_tokens=0")

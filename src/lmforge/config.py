@@ -3,6 +3,7 @@ before anything is allocated. No torch import here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -36,8 +37,9 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    """One entry of a data mixture: exactly one of shards_dir, paths, hub_name."""
+    """One entry of a data mixture: exactly one of path, shards_dir, paths, hub_name."""
     weight: float = 1.0
+    path: Optional[str] = None  # a shards dir (it has manifest.json), else a file or glob
     shards_dir: Optional[str] = None
     paths: list[str] = field(default_factory=list)
     format: str = "auto"
@@ -48,7 +50,17 @@ class SourceConfig:
 
     @property
     def kind(self) -> str:
+        if self.path:
+            return "shards" if (Path(self.path) / "manifest.json").is_file() else "files"
         return "shards" if self.shards_dir else "hub" if self.hub_name else "files"
+
+    @property
+    def shards(self) -> Optional[str]:
+        return self.shards_dir or (self.path if self.kind == "shards" else None)
+
+    @property
+    def files(self) -> list[str]:
+        return list(self.paths) or ([self.path] if self.path and self.kind == "files" else [])
 
 
 @dataclass
@@ -251,9 +263,9 @@ def validate(cfg: Any) -> None:
         _check(len(d.sources) > 0, "data.source=mixture needs data.sources=[{shards_dir: a, "
                "weight: 0.7}, {shards_dir: b, weight: 0.3}] (or paths / hub_name entries)")
         for i, src in enumerate(d.sources):
-            given = [k for k in ("shards_dir", "paths", "hub_name") if getattr(src, k)]
-            _check(len(given) == 1, f"data.sources[{i}] must set exactly one of shards_dir, "
-                   f"paths, hub_name (it sets {given or 'none'})")
+            given = [k for k in ("path", "shards_dir", "paths", "hub_name") if getattr(src, k)]
+            _check(len(given) == 1, f"data.sources[{i}] must set exactly one of path, "
+                   f"shards_dir, paths, hub_name (it sets {given or 'none'})")
             _check(src.weight > 0, f"data.sources[{i}].weight={src.weight} must be > 0")
         shards = {src.kind == "shards" for src in d.sources}
         _check(len(shards) == 1, "data.sources mixes shards with on-the-fly sources; "

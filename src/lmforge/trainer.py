@@ -50,7 +50,7 @@ def shard_sources(cfg: TrainConfig) -> list[tuple[Path, float]]:
     if d.source == "shards":
         return [(Path(d.shards_dir), 1.0)]
     if d.source == "mixture" and d.sources[0].kind == "shards":
-        return [(Path(s.shards_dir), s.weight) for s in d.sources]
+        return [(Path(s.shards), s.weight) for s in d.sources]
     return []
 
 

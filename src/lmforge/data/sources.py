@@ -77,7 +77,7 @@ def load_stream(cfg: DataConfig, seed: int = 0) -> tuple[datasets.IterableDatase
     starting over until every one has been read through once."""
     if cfg.source == "mixture":
         parts = [load_stream(dataclasses.replace(
-            cfg, source=src.kind, paths=list(src.paths), format=src.format,
+            cfg, source=src.kind, paths=src.files, format=src.format,
             text_field=src.text_field, hub_name=src.hub_name, hub_config=src.hub_config,
             hub_split=src.hub_split, sources=[])) for src in cfg.sources]
         total = sum(src.weight for src in cfg.sources)
