@@ -345,7 +345,9 @@ class Trainer:
         self.last_loss = distributed.all_reduce_mean(loss).item()
         skipped = self.loader.skipped
         if sum(skipped.values()) > self.data_skipped:
-            log.warning("unusable documents skipped so far: %s", skipped)
+            # Empty documents are routine (the stdlib corpus has empty __init__.py files).
+            if any(k != "empty" for k in skipped):
+                log.warning("unusable documents skipped so far: %s", skipped)
             self.data_skipped = sum(skipped.values())
         return {"loss": self.last_loss, "lr": self.engine.lr, "grad_norm": float(grad_norm),
                 "data_skipped": self.data_skipped,
