@@ -247,20 +247,22 @@ class ShardLoader:
             self.consumed += 1
         return out
 
+    def _ahead(self, n: int) -> "ShardLoader":
+        """A copy of this loader, n global samples further on; this one does not move."""
+        ahead = copy.copy(self)
+        ahead.counts, ahead._perms = self.counts.copy(), {}
+        ahead._advance(n)
+        return ahead
+
     def for_worker(self, w: int, n_workers: int) -> "ShardLoader":
         """The loader of worker w of n: global micro-steps w, w+n, ... from here on."""
-        mine = copy.copy(self)
-        mine.counts, mine._perms = self.counts.copy(), {}
-        mine._advance(w * self.world * self.mb)
+        mine = self._ahead(w * self.world * self.mb)
         mine.stride = n_workers
         return mine
 
     def state_after(self, n_batches: int) -> dict[str, Any]:
         """The state once n more micro-batches of this loader were handed out."""
-        ahead = copy.copy(self)
-        ahead.counts = self.counts.copy()
-        ahead._advance(n_batches * self.world * self.mb)
-        return ahead.state_dict()
+        return self._ahead(n_batches * self.world * self.mb).state_dict()
 
     def _block(self, src: int, i: int) -> np.ndarray:
         n = self.blocks[src]
@@ -281,9 +283,7 @@ class ShardLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         first = self.consumed + self.rank * self.mb
         if not self.train:  # one pass: stop before any source would start over
-            nxt = copy.copy(self)
-            nxt.counts = self.counts.copy()
-            nxt._advance(self.world * self.mb)
+            nxt = self._ahead(self.world * self.mb)
             if any(c > n for c, n in zip(nxt.counts, self.blocks)):
                 raise StopIteration
         step = self._advance(self.world * self.mb)
