@@ -2,11 +2,14 @@
 before anything is allocated. No torch import here."""
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -165,9 +168,69 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+def conf_dir() -> Path:
+    """The Hydra config tree: inside the installed package (a wheel maps the repository's
+    conf/ to lmforge/conf), else the checkout's conf/ (editable install, source tree)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if packaged.is_dir() else here.parents[1] / "conf"
+
+
+def run_name(model: str, overrides: str) -> str:
+    """The default run-dir name: the model plus the overrides, made safe for a directory
+    name (no "/", "[", "*"...) and kept short; the same on every rank."""
+    if not overrides:
+        return model
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "-", overrides).strip("-")
+    if len(safe) > 96 or safe != overrides:
+        digest = hashlib.sha1(overrides.encode()).hexdigest()[:10]
+        safe = f"{safe[:80].rstrip('-,')}-{digest}"
+    return f"{model}__{safe}"
+
+
 def register_configs() -> None:
-    """Put the schema where conf/train.yaml's `defaults` names it."""
+    """Put the schema where conf/train.yaml's `defaults` names it, and the run-dir resolver."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+
+
+def to_schema(cfg: DictConfig) -> "TrainConfig":
+    """The typed, validated config (raises ConfigError)."""
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def compose(overrides: list[str] | None = None, config_dir: str | None = None) -> "TrainConfig":
+    """The typed config `lmforge-train` builds for these overrides (`config_dir`: a user's
+    extra config dir, as Hydra's --config-dir adds it)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_configs()
+    extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return to_schema(hydra_compose("train", overrides=extra + list(overrides or [])))
+
+
+def one_line(e: BaseException) -> str:
+    """An error and its causes in one line; an unknown key also lists the known ones."""
+    parts, hint = [], ""
+    while e is not None:
+        text = str(e).split("full_key:")[0].split("Config search path:")[0]
+        # Hydra 1.3 advises "+key" for any missing key, wrong for a typo in a structured
+        # config: that line is dropped (tests/test_config.py notices when Hydra changes it).
+        text = " ".join(l for l in text.splitlines() if not l.startswith("To append")).strip()
+        text = " ".join(text.split()).rstrip(".")
+        if text and text not in parts:
+            parts.append(text)
+        full_key = getattr(e, "full_key", None)
+        if full_key and "not in" in str(e):
+            try:
+                hint = f" (known keys: {', '.join(known_keys(full_key.rpartition('.')[0]))})"
+            except (KeyError, TypeError):
+                pass
+        e = e.__cause__
+    return ": ".join(parts) + hint
 
 
 def known_keys(dotted_parent: str) -> list[str]:
