@@ -22,13 +22,7 @@ TINY = ["logging=quiet", "data.seq_len=64", "trainer.micro_batch_size=4",
         "trainer.eval_batches=2", "trainer.sample_tokens=8", "optim.warmup_steps=5"]
 
 
-def compose(overrides: list[str] | None = None):
-    """The typed config `lmforge-train` would build for these overrides."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from lmforge.train import to_schema
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_schema(hydra_compose("train", overrides=overrides or []))
+from lmforge.config import compose  # noqa: E402  (the typed config lmforge-train builds)
 
 
 @pytest.fixture
