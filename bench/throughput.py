@@ -212,6 +212,13 @@ class Lockstep:
         self.t_back = time.perf_counter()
         return self.batches[self.k - 1]
 
+    # What fit() asks of its loader besides batches. The batches were made before the run
+    # (make_batches), so this loader reads no documents, skips none and holds no workers.
+    skipped: dict[str, int] = {}
+
+    def close(self) -> None:
+        pass
+
     def state_dict(self) -> dict[str, Any]:
         return {}  # fit()'s final checkpoint asks for it
 
