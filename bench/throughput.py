@@ -39,11 +39,12 @@ class Size:
 
     @property
     def d_ff(self) -> int:
-        return 4 * self.d_model
+        return 4 * self.d_model  # what gpt_tiny's d_ff=null means; bert_tiny's must be set
 
-    def overrides(self) -> list[str]:
+    def overrides(self, arch: str) -> list[str]:
         return [f"model.n_layers={self.n_layers}", f"model.n_heads={self.n_heads}",
-                f"model.d_model={self.d_model}", f"model.d_ff={self.d_ff}",
+                f"model.d_model={self.d_model}",
+                *([f"model.d_ff={self.d_ff}"] if arch == "bert" else []),
                 f"model.vocab_size={self.vocab}", f"data.seq_len={self.seq_len}",
                 f"tokenizer.vocab_size={self.vocab}",
                 f"tokenizer.train_max_chars={self.train_max_chars}"]
@@ -66,7 +67,7 @@ def config(size: Size, arch: str, dtype: str, mb: int, steps: int,
     """The typed config lmforge-train would build for this benchmark."""
     from lmforge.config import compose
 
-    return compose(PRESET[arch] + size.overrides() + [
+    return compose(PRESET[arch] + size.overrides(arch) + [
         f"precision={dtype}", "parallel=zero0", "logging=quiet", f"trainer.micro_batch_size={mb}",
         f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.eval_batches=1",
         "trainer.sample_tokens=0"] + ([f"tokenizer.path={tok}"] if tok else []))
