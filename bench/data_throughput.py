@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, MB, VOCAB = 1024, 8, 8192
 H100_BF16_TFLOPS, MFU = 989.0, 0.5
 # --quick: the same code path, briefly: half-second rates, a tokenizer trained on 2 M chars,
-# a 2 MB corpus to prepare. Its numbers mean nothing.
-QUICK = {"seconds": 0.5, "prep_gb": 2 / 1024, "train_max_chars": 2_000_000}
+# a 1 MB corpus to prepare. Its numbers mean nothing.
+QUICK = {"seconds": 0.5, "prep_gb": 1 / 1024, "train_max_chars": 2_000_000}
 QUICK_NOTE = ("QUICK MODE (--quick): short measurements on a tiny corpus; the numbers below are "
               "meaningless, this run only shows that the benchmark works")
 
@@ -134,7 +134,7 @@ def main() -> None:
             results["prepare"] = {"corpus_bytes": size, "tokens": tokens, "wall_s": wall,
                                   "tokens_per_s": tokens / wall, "peak_rss_gb": rss,
                                   "threads": os.cpu_count()}
-            print(f"prepare {size / 2**30:.3g} GB -> {tokens / 1e6:.0f} M tokens in {wall:.0f}s "
+            print(f"prepare {size / 2**30:.3g} GB -> {tokens / 1e6:.3g} M tokens in {wall:.0f}s "
                   f"({tokens / wall / 1e6:.2f} M tokens/s, {os.cpu_count()} threads), "
                   f"peak RSS {rss:.2f} GB (largest child process)" +
                   ("   (quick: meaningless)" if a.quick else ""), flush=True)
