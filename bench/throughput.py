@@ -77,15 +77,14 @@ def make_batches(size: Size, arch: str, mb: int, n: int, work: Path,
                  info: Any) -> tuple[list[Batch], Path]:
     """n micro-batches of the embedded corpus with lmforge's own tokenizer, packing and (BERT)
     masking, made once so every contender trains on identical tensors."""
+    from lmforge.assembly import build_tokenizer, open_corpus
     from lmforge.data.loader import BlockLoader
-    from lmforge.data.sources import load_stream
-    from lmforge.trainer import build_tokenizer
 
     cfg = config(size, arch, "fp32", mb, 1)
     (work / arch).mkdir(parents=True, exist_ok=True)
-    stream, _ = load_stream(cfg.data)
-    tok = build_tokenizer(cfg, work / arch, info, stream)
-    loader = BlockLoader(stream, tok, arch, cfg.data, mb, 0, 1, cfg.trainer.seed)
+    corpus = open_corpus(cfg)
+    tok = build_tokenizer(cfg, work / arch, info, corpus)
+    loader = BlockLoader(corpus.stream, tok, arch, cfg.data, mb, 0, 1, cfg.trainer.seed)
     return [next(loader) for _ in range(n)], work / arch / "tokenizer.json"
 
 
@@ -254,7 +253,7 @@ class Lockstep:
 def bench_cell(size: Size, arch: str, dtype: str, work: Path, info: Any,
                threads: int) -> dict[str, Any]:
     """The three contenders in lock-step on one (model, dtype)."""
-    from lmforge.trainer import build
+    from lmforge.assembly import build
 
     mb, warmup, timed = size.plan[dtype]
     batches, tok = make_batches(size, arch, mb, warmup + timed, work, info)

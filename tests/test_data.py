@@ -13,7 +13,7 @@ import torch
 from conftest import compose, same_state
 from lmforge.config import ConfigError, DataConfig
 from lmforge.data.loader import BlockLoader
-from lmforge.data.packing import Packer, mask_tokens, pack_documents
+from lmforge.data.packing import Frame, Packer, mask_tokens, pack_documents
 from lmforge.data.sources import (embedded_corpus_files, fingerprint, is_validation,
                                   iter_documents, load_stream)
 from lmforge.data.tokenizer import SPECIALS, load_tokenizer, special_ids, train_tokenizer
@@ -82,7 +82,7 @@ def test_packing_keeps_every_token_in_order() -> None:
 
 
 def test_bert_blocks_are_framed() -> None:
-    p = Packer(6, sep_id=3, prefix_id=2, suffix_id=3)
+    p = Packer(Frame(4, sep_id=3, prefix=(2,), suffix=(3,)))
     blocks = list(p.add(list(range(10, 20))))
     assert [b.tolist() for b in blocks] == [[2, 10, 11, 12, 13, 3], [2, 14, 15, 16, 17, 3]]
     assert p.carry == [18, 19, 3]

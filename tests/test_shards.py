@@ -22,7 +22,8 @@ from tokenizers import Tokenizer
 from conftest import REPO, read_metrics, run_train
 from lmforge.config import ConfigError
 from lmforge.data.packing import bert_batch_seeded
-from lmforge.data.shards import ShardLoader, ShardSet, file_sha256, token_dtype
+from lmforge.data.shards import ShardLoader, ShardSet, token_dtype
+from lmforge.manifest import sha256 as file_sha256
 from lmforge.data.sources import is_validation
 from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids
 
@@ -470,14 +471,14 @@ def test_verify(built: SimpleNamespace, tmp_path: Path, capsys, monkeypatch) -> 
     code, out, err = run_cli(["verify", str(modified)], capsys, monkeypatch)
     assert code == 1 and out == ""
     assert err.strip().splitlines() == [
-        f"{modified / 'train-00002.bin'}: sha256 differs from the manifest"]
+        f"{modified / 'train-00002.bin'} does not match its checksum"]
     (modified / "validation-00000.bin").unlink()
     (modified / "tokenizer.json").write_text("{}")
     code, out, err = run_cli(["verify", str(modified)], capsys, monkeypatch)
     assert code == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 3 and f"{modified / 'validation-00000.bin'}: missing" in lines
-    assert any(ln.startswith(f"{modified / 'tokenizer.json'}:") for ln in lines)
+    assert len(lines) == 3 and f"{modified / 'validation-00000.bin'} is missing" in lines
+    assert any(ln.startswith(f"{modified / 'tokenizer.json'} ") for ln in lines)
 
 
 def test_prepare_refuses_an_existing_directory(built: SimpleNamespace, capsys,

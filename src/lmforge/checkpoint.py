@@ -4,18 +4,20 @@ to checkpoints/<tag>/ and only then moves checkpoints/latest. A crash at any mom
 the previous checkpoint intact; resume takes the newest one whose manifest verifies."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge.config import ConfigError
 from lmforge.distributed import barrier
+from lmforge.manifest import check_file, file_entry, write_json
 
 log = logging.getLogger("lmforge")
 
@@ -42,11 +44,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -58,29 +55,20 @@ def _fsync_dir(path: Path) -> None:
 def write_manifest(ckpt: Path, step: int) -> None:
     """List every file of `ckpt` with its size and sha256 (written last, so its presence
     means the rest is complete)."""
-    files = {}
-    for p in sorted(ckpt.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(ckpt).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
-    tmp = ckpt / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
-    os.replace(tmp, ckpt / MANIFEST)
+    files = {p.relative_to(ckpt).as_posix(): file_entry(p) for p in sorted(ckpt.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    write_json(ckpt / MANIFEST, {"step": step, "files": files})
 
 
-def verify(ckpt: Path, checksums: bool = True) -> str | None:
+def verify(ckpt: Path) -> str | None:
     """None when `ckpt` is complete and intact, else the reason it is not."""
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
     except (OSError, ValueError):
         return "no readable manifest (an interrupted save?)"
-    for name, meta in manifest["files"].items():
-        p = ckpt / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != meta["bytes"]:
-            return f"{name} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}"
-        if checksums and sha256(p) != meta["sha256"]:
-            return f"{name} does not match its checksum"
+    for name, entry in manifest["files"].items():
+        if problem := check_file(ckpt / name, entry):
+            return f"{name} {problem}"
     return None
 
 
@@ -180,3 +168,48 @@ def reseed(seed: int, step: int, rank: int) -> None:
 
 
 UNIVERSAL_PREFIX = ".universal-"
+
+
+@dataclass
+class Resume:
+    """Where and how a run continues: the checkpoint, this rank's saved trainer state, and
+    whether the checkpoint was written by another number of ranks (`regrid`), in which case
+    a partitioned optimizer state must first go through a universal checkpoint."""
+    ckpt: Path
+    state: dict[str, Any]
+    regrid: bool
+    universal: bool
+    by: str  # "<ckpt> was written by N ranks", for messages
+
+
+def choose_resume(ckpt_dir: Path, resume_from: str | None, rank: int, world: int,
+                  layout_free: bool, zero_stage: int, expect: dict[str, Any]) -> Resume | None:
+    """The resume decision, or None to start fresh: trainer.resume_from, else the newest
+    checkpoint of the run that verifies. Refused in one line (ConfigError): a checkpoint
+    whose `expect`ed keys (model, tokenizer) differ, and another number of ranks unless the
+    data position is layout-free (shards) and the ZeRO stage is unchanged."""
+    if resume_from:
+        ckpt = Path(resume_from)
+        problem = verify(ckpt) if ckpt.is_dir() else "no such directory"
+        if problem:
+            raise ConfigError(f"trainer.resume_from={resume_from}: {problem}")
+    else:
+        ckpt = latest_good(ckpt_dir)
+        if ckpt is None:
+            return None
+    saved = saved_world_size(ckpt)
+    regrid = saved != world
+    by = f"{ckpt} was written by {saved} rank{'s' * (saved != 1)}"
+    if regrid and not layout_free:
+        raise ConfigError(f"{by}, this run has {world}: on-the-fly data resumes only with "
+                          f"the same number of ranks ({saved}); data=shards resumes with any")
+    state = load_trainer_state(ckpt, 0 if regrid else rank)
+    for key, now in expect.items():
+        if state[key] != now:
+            raise ConfigError(f"{ckpt} was trained with a different {key.split('_')[0]}; "
+                              "resume it unchanged or start a new run (hydra.run.dir=...)")
+    saved_stage = saved_zero_stage(ckpt)
+    if regrid and saved_stage not in (None, zero_stage):
+        raise ConfigError(f"{by} at ZeRO-{saved_stage}; with another number of ranks "
+                          f"resume it at the same stage (parallel=zero{saved_stage})")
+    return Resume(ckpt, state, regrid, regrid and partitioned(ckpt), by)

@@ -108,26 +108,20 @@ def check_state_dict(cfg: ModelConfig, sd: dict[str, Tensor]) -> None:
                                   "config.yaml")
 
 
-def _allowed_globals() -> list[type]:
-    """What DeepSpeed pickles into *_optim_states.pt besides tensors: plain records (an int
-    Enum, a two-int dataclass, a loss scaler's numbers and dtype). torch rebuilds them by
-    __new__ and __dict__ update: none of their code runs."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
 @contextlib.contextmanager
-def _weights_only() -> Iterator[None]:
-    """Every torch.load inside runs with weights_only=True, whatever the caller passes.
-    DeepSpeed's zero_to_fp32 passes weights_only=False; torch's own switch overrides it."""
+def weights_only() -> Iterator[None]:
+    """Every torch.load inside runs with weights_only=True, whatever the caller passes, with
+    DeepSpeed's plain records allow-listed (engine.deepspeed_safe_globals).
+    Workaround: DeepSpeed 0.19's zero_to_fp32, load_checkpoint and ds_to_universal call
+    torch.load(weights_only=False); torch's own switch overrides them. Remove when DeepSpeed
+    loads weights-only itself (tests/test_upstream.py fails then)."""
+    from lmforge.engine import deepspeed_safe_globals
+
     saved = {k: os.environ.pop(k, None)
              for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
             yield
     finally:
         for k, v in saved.items():
@@ -187,13 +181,13 @@ def consolidate(ckpt: Path) -> dict[str, Tensor]:
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), \
-                _weights_only():
+                weights_only():
             if not sharded:
                 sd = _stage0(ckpt)
             else:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+                from lmforge.engine import zero_fp32_state_dict
 
-                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+                sd = zero_fp32_state_dict(ckpt)
     except CheckpointError:
         raise
     except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, KeyError,

@@ -7,6 +7,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,6 @@ class DistInfo:
     rank: int
     world_size: int
     local_rank: int
-    backend: str
     device: torch.device
 
     @property
@@ -81,7 +81,22 @@ def setup(timeout_s: float = 1800.0) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
-    return DistInfo(rank, world, local_rank, backend, device)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def exit_process(code: int | str | None) -> None:
+    """Exit once everything is written and closed, without running C++ static destructors:
+    a finished rank was seen to abort there (SIGABRT, "terminate called without an active
+    exception") after its process group was destroyed."""
+    import logging
+
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def teardown() -> None:
@@ -126,3 +141,16 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(info: DistInfo, fn: Callable[[], Any]) -> None:
+    """Run `fn` on rank 0 only; an error there is raised on every rank instead of a hang."""
+    err = None
+    if info.is_main:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, on every rank
+            err = e
+    err = broadcast_object(err)
+    if err is not None:
+        raise err

@@ -57,9 +57,6 @@ class ConsoleSink:
             self.bar.set_postfix(post, refresh=False)
         self.bar.update(step - self.bar.n)
 
-    def write(self, text: str) -> None:
-        self.bar.write(text)
-
     def close(self) -> None:
         self.bar.close()
 
@@ -117,3 +114,18 @@ def build_sinks(cfg: LoggingConfig, run_dir: Path, total_steps: int, start_step:
     if cfg.console:
         sinks.append(ConsoleSink(total_steps, start_step))
     return sinks
+
+
+def setup_logging(rank: int, run_dir: Path) -> None:
+    """Rank 0 logs INFO to stderr and run_dir/train.log; other ranks only warnings."""
+    import logging
+    import sys
+
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

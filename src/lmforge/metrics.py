@@ -44,11 +44,6 @@ def head_params(cfg: ModelConfig) -> int:
     return d * cfg.vocab_size + (d * d if cfg.arch == "bert" else 0)
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token: every Linear and the LM head."""
-    return block_matmul_params(cfg) + head_params(cfg)
-
-
 def head_fraction(cfg: ModelConfig, seq_len: int, mlm_probability: float) -> float:
     """Share of tokens the head runs on: all for GPT; for BERT the expected masked share
     (mlm_probability of the seq_len-2 non-special tokens of a [CLS] ... [SEP] block)."""
@@ -67,6 +62,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: bool = False,
     if recompute:
         total += 2 * block_matmul_params(cfg) + attn // 3
     return float(total)
+
+
+def model_state_gb(n_params: int, dtype: str, stage: int, world: int) -> float:
+    """Model states per rank (ZeRO paper, Adam): weights, grads and optimizer bytes/param."""
+    w, g, o = (4, 4, 8) if dtype == "fp32" else (2, 2, 12)
+    o /= world if stage >= 1 else 1
+    g /= world if stage >= 2 else 1
+    w /= world if stage >= 3 else 1
+    return n_params * (w + g + o) / 2**30
 
 
 def _cache_path() -> Path:

@@ -15,17 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmforge.config import ConfigError, TrainConfig
-
-
-def compose(overrides: list[str]) -> TrainConfig:
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from lmforge.train import CONF_DIR, to_schema
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_schema(hydra_compose("train", overrides=overrides))
-
+from lmforge.config import ConfigError, TrainConfig, compose, one_line
 
 def _train_tokenizer(cfg: TrainConfig, out: Path) -> None:
     from lmforge.data.sources import iter_documents, load_stream
@@ -70,8 +60,7 @@ def cmd_shards(args: argparse.Namespace, cfg: TrainConfig) -> None:
     from lmforge.data.shards import write_shards
     from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids
 
-    d = cfg.data
-    if d.source == "shards" or (d.source == "mixture" and d.sources[0].kind == "shards"):
+    if cfg.data.shard_sources():
         raise ConfigError("data.source=shards reads shards; prepare from embedded, files or hub")
     kind = kind_for(cfg.model.arch, cfg.tokenizer.kind)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,8 +114,6 @@ def cli(argv: list[str] | None = None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     if getattr(args, "threads", 0):
         os.environ["RAYON_NUM_THREADS"] = str(args.threads)
-    from lmforge.train import one_line
-
     try:
         cfg = compose(overrides)
     except Exception as e:  # Hydra's and OmegaConf's many error types: one line each

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge.config import ConfigError, DataConfig
-from lmforge.data.packing import Packer, bert_batch, gpt_batch
+from lmforge.data.packing import Packer, bert_batch, frame_for, gpt_batch
 from lmforge.data.sources import iter_documents
 from lmforge.data.tokenizer import encode_documents, kind_for, special_ids
 
@@ -37,11 +37,7 @@ class BlockLoader:
         self.specials = special_ids(tok, kind_for(arch))
         self.vocab_size = tok.get_vocab_size()
         self.epoch, self.next_doc = 0, 0
-        if arch == "gpt":
-            self.packer = Packer(cfg.seq_len + 1, self.specials["eos"])
-        else:
-            self.packer = Packer(cfg.seq_len, self.specials["sep"], self.specials["cls"],
-                                 self.specials["sep"])
+        self.packer = Packer(frame_for(arch, cfg.seq_len, self.specials))
         self.mask_gen = torch.Generator().manual_seed(seed * 1009 + rank)
         self.shuffle_rng = np.random.default_rng([seed, rank])
         self.buffer: list[np.ndarray] = []

@@ -2,10 +2,31 @@
 separators; BERT: [CLS] ... [SEP] blocks) and dynamic MLM masking."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
+
+
+class Frame(NamedTuple):
+    """How an architecture frames a block of seq_len model positions: GPT reads seq_len+1
+    tokens (inputs and shifted labels) with EOS between documents; BERT reads
+    [CLS] body [SEP] with [SEP] between documents."""
+    body_len: int
+    sep_id: int
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+
+    def wrap(self, body: np.ndarray) -> np.ndarray:
+        """The block (a new array) holding `body` in this frame."""
+        return np.concatenate([np.asarray(self.prefix, dtype=body.dtype), body,
+                               np.asarray(self.suffix, dtype=body.dtype)])
+
+
+def frame_for(arch: str, seq_len: int, specials: dict[str, int]) -> Frame:
+    if arch == "gpt":
+        return Frame(seq_len + 1, specials["eos"])
+    return Frame(seq_len - 2, specials["sep"], (specials["cls"],), (specials["sep"],))
 
 
 class Packer:
@@ -16,13 +37,8 @@ class Packer:
     position: a document of millions of tokens is cut in linear time.
     """
 
-    def __init__(self, block_len: int, sep_id: int, prefix_id: int | None = None,
-                 suffix_id: int | None = None) -> None:
-        # BERT blocks are framed as [CLS] body [SEP]; GPT blocks have no frame.
-        self.prefix = np.asarray([] if prefix_id is None else [prefix_id], dtype=np.int64)
-        self.suffix = np.asarray([] if suffix_id is None else [suffix_id], dtype=np.int64)
-        self.body_len = block_len - len(self.prefix) - len(self.suffix)
-        self.sep_id = sep_id
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
         self._buf, self._pos = np.zeros(0, dtype=np.int64), 0
 
     @property
@@ -36,22 +52,22 @@ class Packer:
     def add(self, ids) -> Iterator[np.ndarray]:
         """Append one document and yield every block it completes."""
         self._buf = np.concatenate([self._buf[self._pos:], np.asarray(ids, dtype=np.int64),
-                                    [self.sep_id]])
+                                    [self.frame.sep_id]])
         self._pos = 0
         yield from self.drain()
 
     def drain(self) -> Iterator[np.ndarray]:
         """Yield every full block the carried tokens make."""
-        n = self.body_len
+        n = self.frame.body_len
         while len(self._buf) - self._pos >= n:
             body = self._buf[self._pos:self._pos + n]
             self._pos += n
-            yield np.concatenate([self.prefix, body, self.suffix])
+            yield self.frame.wrap(body)
 
 
 def pack_documents(docs: Iterable[list[int]], block_len: int, sep_id: int) -> Iterator[np.ndarray]:
     """All full blocks of `block_len` tokens made from `docs` (the tail is dropped)."""
-    packer = Packer(block_len, sep_id)
+    packer = Packer(Frame(block_len, sep_id))
     for ids in docs:
         yield from packer.add(ids)
 

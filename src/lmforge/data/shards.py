@@ -21,8 +21,9 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge.config import ConfigError
-from lmforge.data.packing import bert_batch_seeded, gpt_batch
+from lmforge.data.packing import bert_batch_seeded, frame_for, gpt_batch
 from lmforge.data.tokenizer import encode_documents
+from lmforge.manifest import check_file, sha256, write_json
 
 FORMAT = "lmforge-shards/1"
 MANIFEST = "manifest.json"
@@ -32,11 +33,6 @@ log = logging.getLogger("lmforge")
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class _SplitWriter:
@@ -117,11 +113,11 @@ def write_shards(docs: Iterable[tuple[str, str]], tok_path: Path, out: Path, sep
     for split in SPLITS:
         flush(split)
     manifest = {"format": FORMAT, "kind": kind, "vocab_size": vocab, "dtype": dtype.name,
-                "sep_id": sep_id, "tokenizer_sha256": file_sha256(tok_path),
+                "sep_id": sep_id, "tokenizer_sha256": sha256(tok_path),
                 "corpus": corpus, "splits": {s: w.close() for s, w in writers.items()},
                 "wall_s": round(time.perf_counter() - start, 2)}
     shutil.copyfile(tok_path, tmp / "tokenizer.json")
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(tmp / MANIFEST, manifest)
     os.replace(tmp, out)
     return manifest
 
@@ -129,9 +125,10 @@ def write_shards(docs: Iterable[tuple[str, str]], tok_path: Path, out: Path, sep
 class ShardSet:
     """The shards of one split, memory-mapped and checked against the manifest."""
 
-    def __init__(self, root: str | Path, split: str) -> None:
+    def __init__(self, root: str | Path, split: str, manifest: dict[str, Any] | None = None
+                 ) -> None:
         self.root = Path(root)
-        self.manifest = read_manifest(self.root)
+        self.manifest = manifest or read_manifest(self.root)
         self.dtype = np.dtype(self.manifest["dtype"])
         self.vocab_size = self.manifest["vocab_size"]
         entries = self.manifest["splits"][split]["shards"]
@@ -184,18 +181,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 def verify_shards(root: Path) -> list[str]:
     """Every problem found by re-hashing all shards (empty when they match the manifest)."""
-    manifest, problems = read_manifest(root), []
-    for split in SPLITS:
-        for e in manifest["splits"][split]["shards"]:
-            path = root / e["file"]
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-            elif file_sha256(path) != e["sha256"]:
-                problems.append(f"{path}: sha256 differs from the manifest")
-    tok = root / "tokenizer.json"
-    if not tok.is_file() or file_sha256(tok) != manifest["tokenizer_sha256"]:
-        problems.append(f"{tok}: missing or not the tokenizer the shards were made with")
-    return problems
+    manifest = read_manifest(root)
+    entries = [(root / e["file"], {"sha256": e["sha256"]})
+               for split in SPLITS for e in manifest["splits"][split]["shards"]]
+    entries.append((root / "tokenizer.json", {"sha256": manifest["tokenizer_sha256"]}))
+    return [f"{path} {problem}" for path, entry in entries
+            if (problem := check_file(path, entry))]
 
 
 class ShardLoader:
@@ -223,7 +214,8 @@ class ShardLoader:
         self.mb, self.rank, self.world, self.seed, self.train = (micro_batch_size, rank, world,
                                                                  seed, train)
         self.mlm_probability = mlm_probability
-        self.body = seq_len + 1 if arch == "gpt" else seq_len - 2
+        self.frame = frame_for(arch, seq_len, specials)
+        self.body = self.frame.body_len
         self.blocks = [s.n_tokens // self.body for s in self.sets]
         self.n_blocks = sum(self.blocks)
         for s, n in zip(self.sets, self.blocks):
@@ -272,10 +264,7 @@ class ShardLoader:
                 self._perms[src] = (epoch, np.random.default_rng([self.seed, src, epoch])
                                     .permutation(n))
             j = int(self._perms[src][1][j])
-        body = self.sets[src].tokens(j * self.body, self.body)
-        if self.arch == "gpt":
-            return body
-        return np.concatenate([[self.specials["cls"]], body, [self.specials["sep"]]])
+        return self.frame.wrap(self.sets[src].tokens(j * self.body, self.body))
 
     def __iter__(self) -> "ShardLoader":
         return self

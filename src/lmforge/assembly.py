@@ -1,0 +1,178 @@
+"""Assembly: a validated config -> the corpus, tokenizer, loaders, model, engine and the
+run's summary, handed to a Trainer. Each component gets its own sub-config."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from lmforge import distributed
+from lmforge.config import ConfigError, TrainConfig, resolve_grad_accum
+from lmforge.data.loader import BlockLoader
+from lmforge.data.shards import ShardLoader, ShardSet, read_manifest
+from lmforge.data.sources import iter_documents, load_stream
+from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids, train_tokenizer
+from lmforge.data.workers import WorkerLoader
+from lmforge.distributed import DistInfo
+from lmforge.engine import Engine, check_precision, create_model, ds_config
+from lmforge.metrics import flops_per_token, head_fraction, model_state_gb
+from lmforge.models import build_model
+from lmforge.manifest import sha256
+from lmforge.trainer import Trainer, write_config, write_summary
+
+log = logging.getLogger("lmforge")
+
+
+@dataclass
+class Corpus:
+    """The training corpus: a stream tokenized on the fly, or pre-tokenized shard sets
+    (each root with its weight and its manifest, read once here)."""
+    stream: Any = None
+    shards: list[tuple[Path, float, dict[str, Any]]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def open_corpus(cfg: TrainConfig) -> Corpus:
+    roots = cfg.data.shard_sources()
+    if not roots:
+        stream, info = load_stream(cfg.data, cfg.trainer.seed)
+        return Corpus(stream=stream, info=info)
+    shards = [(Path(r), w, read_manifest(Path(r))) for r, w in roots]
+    parts = [{"dir": str(r), "weight": w,
+              "tokens": {s: v["tokens"] for s, v in m["splits"].items()},
+              "prepared_from": m["corpus"]} for r, w, m in shards]
+    return Corpus(shards=shards, info={"source": "shards", "parts": parts})
+
+
+def _shards_tokenizer(cfg: TrainConfig, corpus: Corpus) -> str:
+    """The tokenizer every shard set was made with (and tokenizer.path, if set, must be it)."""
+    first, _, manifest = corpus.shards[0]
+    want = manifest["tokenizer_sha256"]
+    for d, _, m in corpus.shards[1:]:
+        if m["tokenizer_sha256"] != want:
+            raise ConfigError(f"the shards in {d} were made with another tokenizer than "
+                              f"those in {first}; prepare all with one tokenizer")
+    source = str(first / "tokenizer.json")
+    for path in filter(None, [source, cfg.tokenizer.path]):
+        if not Path(path).is_file() or sha256(Path(path)) != want:
+            raise ConfigError(f"{path} is not the tokenizer the shards in {first} were made "
+                              "with; leave tokenizer.path unset or re-run lmforge-prepare shards")
+    return source
+
+
+def build_tokenizer(cfg: TrainConfig, run_dir: Path, info: DistInfo, corpus: Corpus
+                    ) -> Tokenizer:
+    """The run's tokenizer.json: kept from an earlier run, copied from tokenizer.path or from
+    the shards, or trained by rank 0 on the training split."""
+    out = run_dir / "tokenizer.json"
+    kind = kind_for(cfg.model.arch, cfg.tokenizer.kind)
+    source = _shards_tokenizer(cfg, corpus) if corpus.shards else cfg.tokenizer.path
+
+    def make() -> None:
+        if source:
+            load_tokenizer(source)  # fails clearly before copying
+            shutil.copyfile(source, out)
+        elif not out.is_file():
+            t = time.perf_counter()
+            texts = (d for _, d in iter_documents(corpus.stream, "train", cfg.data.val_percent))
+            train_tokenizer(texts, kind, cfg.tokenizer.vocab_size,
+                            cfg.tokenizer.train_max_chars).save(str(out))
+            log.info("trained a %s tokenizer (vocab %d) in %.1fs", kind,
+                     cfg.tokenizer.vocab_size, time.perf_counter() - t)
+
+    distributed.on_main(info, make)
+    return load_tokenizer(out)
+
+
+def build_loaders(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, corpus: Corpus
+                  ) -> tuple[WorkerLoader, Any]:
+    """Training loader (read by data.num_workers processes) and validation loader."""
+    t, d, arch = cfg.trainer, cfg.data, cfg.model.arch
+    if not corpus.shards:
+        train, val = (BlockLoader(corpus.stream, tok, arch, d, t.micro_batch_size, info.rank,
+                                  info.world_size, t.seed, split=split)
+                      for split in ("train", "validation"))
+        return WorkerLoader(train, d.num_workers), val
+    specials = special_ids(tok, kind_for(arch))
+    for root, _, manifest in corpus.shards:
+        if manifest["sep_id"] != specials["eos" if arch == "gpt" else "sep"]:
+            raise ConfigError(f"the shards in {root} were prepared for a "
+                              f"{manifest['kind']} tokenizer, not for model.arch={arch}")
+    train, val = (ShardLoader([ShardSet(root, split, m) for root, _, m in corpus.shards],
+                              arch, specials, d.seq_len, t.micro_batch_size, info.rank,
+                              info.world_size, t.seed, train=split == "train",
+                              mlm_probability=d.mlm_probability,
+                              weights=[w for _, w, _ in corpus.shards])
+                  for split in ("train", "validation"))
+    return WorkerLoader(train, d.num_workers), val
+
+
+def summarize(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, vocab: int,
+              corpus: Corpus) -> dict[str, Any]:
+    """summary.json's opening: sizes, FLOPs per token, layout, corpus fingerprint."""
+    p, dt, seq = cfg.parallel, cfg.precision.dtype, cfg.data.seq_len
+    share = head_fraction(cfg.model, seq, cfg.data.mlm_probability)
+    n = model.num_params()
+    summary = {"n_params": n, "n_params_non_embedding": model.num_params(non_embedding=True),
+               "flops_per_token": flops_per_token(cfg.model, seq, head_share=share),
+               "world_size": info.world_size, "zero_stage": p.zero_stage, "dtype": dt,
+               "vocab_size": cfg.model.vocab_size, "tokenizer_vocab_size": vocab,
+               "seq_len": seq, "corpus": corpus.info}
+    if p.activation_checkpointing:
+        summary["hardware_flops_per_token"] = flops_per_token(cfg.model, seq, recompute=True,
+                                                              head_share=share)
+    summary["model_state_gb_per_rank"] = round(model_state_gb(n, dt, p.zero_stage,
+                                                              info.world_size), 3)
+    return summary
+
+
+def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
+    """Tokenizer, model, summary, and (unless max_steps=0: a dry run) data and engine."""
+    check_precision(cfg.precision.dtype, info.device)
+    corpus = open_corpus(cfg)
+    tok = build_tokenizer(cfg, run_dir, info, corpus)
+    vocab = tok.get_vocab_size()
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                          f"tokenizer's {vocab}; raise it or leave it null")
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
+    cfg.trainer = dataclasses.replace(
+        cfg.trainer, grad_accum_steps=resolve_grad_accum(cfg.trainer, info.world_size))
+    t, dry = cfg.trainer, cfg.trainer.max_steps == 0
+    engine_cfg = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size,
+                           t.grad_accum_steps, info.world_size, info.device.type == "cuda")
+    torch.manual_seed(t.seed)
+    if dry:  # sized on the meta device: no memory, any size
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+    else:
+        model = create_model(lambda: build_model(cfg.model), engine_cfg, cfg.parallel,
+                             info.device)
+    summary = summarize(cfg, model, info, vocab, corpus)
+    if info.is_main:
+        (run_dir / "ds_config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        if dry:
+            write_summary(run_dir, summary)
+            write_config(run_dir, cfg)
+    if dry:
+        return None
+    engine = Engine(model, engine_cfg, cfg.optim, cfg.parallel, cfg.precision, t.max_steps,
+                    info.world_size, info.device)
+    summary["shard_fractions"] = engine.shard_fractions()  # this rank's (rank 0's) share
+    if info.is_main:
+        write_summary(run_dir, summary)
+    loader, val = build_loaders(cfg, info, tok, corpus)
+    val_batches = [b for _, b in zip(range(t.eval_batches), val)]
+    # Equal counts on every rank: ZeRO-3 forwards are collectives.
+    val_batches = val_batches[:distributed.all_reduce_min(len(val_batches), info.device)]
+    if not val_batches:
+        log.warning("the validation split has no full batch: evaluation is off")
+    return Trainer(cfg, run_dir, info, tok, engine, loader, val_batches, summary)
