@@ -83,6 +83,15 @@ class DataConfig:
     num_workers: int = 0  # loader processes per rank (0 = in the training process)
     mlm_probability: float = 0.15
 
+    def shard_sources(self) -> list[tuple[str, float]]:
+        """(shards dir, weight) of each pre-tokenized source, or [] when the corpus is
+        tokenized on the fly: the one place that picks between the two data paths."""
+        if self.source == "shards":
+            return [(str(self.shards_dir), 1.0)]
+        if self.source == "mixture" and self.sources and self.sources[0].kind == "shards":
+            return [(str(s.shards), s.weight) for s in self.sources]
+        return []
+
 
 @dataclass
 class TokenizerConfig:
@@ -201,7 +210,8 @@ def to_schema(cfg: DictConfig) -> "TrainConfig":
     return obj
 
 
-def compose(overrides: list[str] | None = None, config_dir: str | None = None) -> "TrainConfig":
+def compose(overrides: list[str] | None = None, config_dir: str | None = None,
+            config_name: str = "train") -> "TrainConfig":
     """The typed config `lmforge-train` builds for these overrides (`config_dir`: a user's
     extra config dir, as Hydra's --config-dir adds it)."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -209,7 +219,27 @@ def compose(overrides: list[str] | None = None, config_dir: str | None = None) -
     register_configs()
     extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return to_schema(hydra_compose("train", overrides=extra + list(overrides or [])))
+        return to_schema(hydra_compose(config_name, overrides=extra + list(overrides or [])))
+
+
+def check_cli(argv: list[str]) -> None:
+    """Compose and validate every job Hydra would run for these arguments (each job of a -m
+    sweep, with a -cd config dir), so that a bad override is one line before Hydra starts.
+    Hydra's own modes (--help, -sc, --info) and a replaced primary config (-cp) pass."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = get_args_parser().parse_args(argv)
+    if (args.help or args.hydra_help or args.shell_completion or args.info is not None
+            or args.config_path is not None):
+        return
+    jobs = [args.overrides]
+    if args.multirun:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    for job in jobs:
+        compose(job, args.config_dir, args.config_name or "train")
 
 
 def one_line(e: BaseException) -> str:
@@ -288,6 +318,51 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# The data.* keys each data.source reads; any other of these set is a user's intent that
+# this source would silently ignore.
+_DATA_READS = {"embedded": set(), "files": {"paths", "format", "text_field"},
+               "hub": {"hub_name", "hub_config", "hub_split", "text_field"},
+               "shards": {"shards_dir"}, "mixture": {"sources"}}
+
+
+def _unused(cfg: Any) -> list[str]:
+    """One message per key set to a non-default value that the chosen groups never read."""
+    d, m, t = cfg.data, cfg.model, cfg.tokenizer
+    dd, md, td = DataConfig(), ModelConfig(), TokenizerConfig()
+    out = []
+    for key in sorted(set().union(*_DATA_READS.values()) - _DATA_READS[d.source]):
+        if getattr(d, key) != getattr(dd, key):
+            owners = " or ".join(f"data={s}" for s, keys in _DATA_READS.items() if key in keys)
+            out.append(f"data.{key} is set but data.source={d.source} does not read it; "
+                       f"choose {owners}, or drop data.{key}")
+    shards = d.shard_sources()
+    if shards:
+        for key in ("val_percent", "shuffle_buffer"):
+            if getattr(d, key) != getattr(dd, key):
+                out.append(f"data.{key} has no effect on pre-tokenized shards (the split is "
+                           "fixed by lmforge-prepare shards, blocks are permuted per epoch); "
+                           f"drop data.{key}")
+    if t.path or shards:
+        given = "the shards' tokenizer" if shards else "tokenizer.path"
+        for key in ("vocab_size", "train_max_chars", "kind"):
+            if getattr(t, key) != getattr(td, key):
+                out.append(f"tokenizer.{key} has no effect when {given} is used (no tokenizer "
+                           f"is trained); drop tokenizer.{key}")
+    if m.arch == "gpt" and d.mlm_probability != dd.mlm_probability:
+        out.append("data.mlm_probability is set but model.arch=gpt does not mask tokens; "
+                   "drop it or choose a BERT model")
+    if m.arch == "gpt" and m.type_vocab_size != md.type_vocab_size:
+        out.append("model.type_vocab_size is set but model.arch=gpt has no token types; drop it")
+    if m.pos_emb != "rope" and m.rope_theta != md.rope_theta:
+        out.append(f"model.rope_theta is set but model.pos_emb={m.pos_emb}; set "
+                   "model.pos_emb=rope or drop it")
+    pd = PrecisionConfig()
+    for key in ("initial_scale_power", "loss_scale_window"):
+        if cfg.precision.dtype != "fp16" and getattr(cfg.precision, key) != getattr(pd, key):
+            out.append(f"precision.{key} scales fp16 losses only; set precision=fp16 or drop it")
+    return out
+
+
 def validate(cfg: Any) -> None:
     """Raise ConfigError (one line: key, bad value, how to fix) on any inconsistent value."""
     for key, allowed in CHOICES.items():
@@ -330,6 +405,14 @@ def validate(cfg: Any) -> None:
             _check(len(given) == 1, f"data.sources[{i}] must set exactly one of path, "
                    f"shards_dir, paths, hub_name (it sets {given or 'none'})")
             _check(src.weight > 0, f"data.sources[{i}].weight={src.weight} must be > 0")
+            ignored = [k for k, v in [("format", src.format != "auto"),
+                                      ("text_field", src.text_field != "text")]
+                       if v and src.kind == "shards"]
+            ignored += [k for k, v in [("hub_config", src.hub_config is not None),
+                                       ("hub_split", src.hub_split != "train")]
+                        if v and not src.hub_name]
+            _check(not ignored, f"data.sources[{i}] sets {ignored[0] if ignored else ''}, which "
+                   f"its {src.kind} source does not read; drop it")
         shards = {src.kind == "shards" for src in d.sources}
         _check(len(shards) == 1, "data.sources mixes shards with on-the-fly sources; "
                "prepare every source with lmforge-prepare shards, or none")
@@ -346,3 +429,5 @@ def validate(cfg: Any) -> None:
            "parallel.offload_optimizer needs parallel.zero_stage >= 1")
     if m.vocab_size is not None:
         _check(m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be > 0")
+    for problem in _unused(cfg)[:1]:
+        raise ConfigError(problem)
