@@ -26,6 +26,7 @@ from lmforge.engine import Engine, check_precision, create_model, ds_config
 from lmforge.metrics import flops_per_token, head_fraction, model_state_gb
 from lmforge.models import build_model
 from lmforge.manifest import sha256
+from lmforge.checkpoint import claim_run_dir, release_run_dir  # noqa: F401 (train.py's)
 from lmforge.trainer import Trainer, write_config, write_summary
 
 log = logging.getLogger("lmforge")
@@ -136,6 +137,8 @@ def summarize(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, vocab: i
 
 def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     """Tokenizer, model, summary, and (unless max_steps=0: a dry run) data and engine."""
+    log.info("run dir %s, world size %d, %s", run_dir, info.world_size, info.device)
+    claim_run_dir(run_dir, info)
     check_precision(cfg.precision.dtype, info.device)
     corpus = open_corpus(cfg)
     tok = build_tokenizer(cfg, run_dir, info, corpus)
@@ -163,6 +166,7 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
             write_summary(run_dir, summary)
             write_config(run_dir, cfg)
     if dry:
+        log.info("trainer.max_steps=0: wrote %s and stopped (dry run)", run_dir / "summary.json")
         return None
     engine = Engine(model, engine_cfg, cfg.optim, cfg.parallel, cfg.precision, t.max_steps,
                     info.world_size, info.device)

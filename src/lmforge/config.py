@@ -155,9 +155,14 @@ class TrainerConfig:
     global_batch_size: Optional[int] = None  # samples per step over all ranks; sets grad_accum_steps
     eval_every: int = 100
     eval_batches: int = 8
-    save_every: int = 0  # 0 = only at the end
-    keep_last: int = 2  # checkpoints kept; 0 keeps all
-    resume_from: Optional[str] = None  # a checkpoint dir; None = newest good one of this run
+    save_every: int = 0  # steps between checkpoints (0: by time only)
+    save_every_min: float = 30.0  # wall-clock minutes between checkpoints (0: by steps only)
+    keep_last: int = 2  # checkpoints kept, by write order; 0 keeps all
+    # A checkpoint dir to start from, used until this run dir has newer checkpoints of its
+    # own; None = the newest good checkpoint of this run dir.
+    resume_from: Optional[str] = None
+    start_fresh: bool = False  # a run dir whose checkpoints all fail verification: set them aside
+    dist_timeout_s: float = 600.0  # a collective or a silent rank older than this ends the job
     max_bad_steps: int = 5  # non-finite loss/grad steps in a row before the run stops
     log_every: int = 10
     seed: int = 1337
@@ -287,8 +292,9 @@ CHOICES = {
 POSITIVE = ["model.n_layers", "model.n_heads", "model.d_model", "model.max_seq_len",
             "data.seq_len", "tokenizer.vocab_size", "trainer.micro_batch_size",
             "trainer.grad_accum_steps", "trainer.log_every", "trainer.max_bad_steps", "trainer.eval_batches",
-            "optim.lr"]
+            "trainer.dist_timeout_s", "optim.lr"]
 NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",
+                "trainer.save_every_min",
                 "trainer.sample_tokens", "trainer.keep_last", "data.shuffle_buffer", "data.num_workers", "optim.warmup_steps", "optim.weight_decay",
                 "optim.grad_clip", "model.dropout", "model.type_vocab_size"]
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import os
 import pickle
-import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lmforge import engine
 from lmforge.config import ModelConfig
+from lmforge.manifest import load_error
 
 # weights_only=True is a real sandbox only from torch 2.6 (CVE-2025-32434).
 MIN_TORCH = (2, 6)
@@ -83,7 +83,7 @@ def _trained_model(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unreadable or not plain data: refused, never unpickled
-        raise CheckpointError(f"cannot read {path}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot read {path}: {load_error(e)}") from None
     model = state.get("model") if isinstance(state, dict) else None
     return model if isinstance(model, dict) else {}
 
@@ -106,39 +106,6 @@ def check_state_dict(cfg: ModelConfig, sd: dict[str, Tensor]) -> None:
         if keys:
             raise CheckpointError(f"the checkpoint {what} {keys[:3]} for the model of "
                                   "config.yaml")
-
-
-@contextlib.contextmanager
-def weights_only() -> Iterator[None]:
-    """Every torch.load inside runs with weights_only=True, whatever the caller passes, with
-    DeepSpeed's plain records allow-listed (engine.deepspeed_safe_globals).
-    Workaround: DeepSpeed 0.19's zero_to_fp32, load_checkpoint and ds_to_universal call
-    torch.load(weights_only=False); torch's own switch overrides them. Remove when DeepSpeed
-    loads weights-only itself (tests/test_upstream.py fails then)."""
-    from lmforge.engine import deepspeed_safe_globals
-
-    saved = {k: os.environ.pop(k, None)
-             for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None)
-            if v is not None:
-                os.environ[k] = v
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if found:
-        return (f"it pickles {found.group(1)}, which is neither a tensor nor an allow-listed "
-                "DeepSpeed record: refusing to unpickle it")
-    found = re.search(r"WeightsUnpickler error: (.*)", text)
-    lines = [found.group(1)] if found else [l.strip() for l in text.splitlines() if l.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def _check_torch() -> None:
@@ -181,16 +148,14 @@ def consolidate(ckpt: Path) -> dict[str, Tensor]:
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), \
-                weights_only():
+                engine.weights_only():
             if not sharded:
                 sd = _stage0(ckpt)
             else:
-                from lmforge.engine import zero_fp32_state_dict
-
-                sd = zero_fp32_state_dict(ckpt)
+                sd = engine.zero_fp32_state_dict(ckpt)
     except CheckpointError:
         raise
     except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, KeyError,
             TypeError, NotImplementedError) as e:
-        raise CheckpointError(f"cannot consolidate {ckpt}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot consolidate {ckpt}: {load_error(e)}") from None
     return _to_fp32(sd)

@@ -6,16 +6,20 @@ Workarounds of DeepSpeed 0.19 bugs are marked "Workaround:" with the upstream is
 when to remove them; tests/test_upstream.py fails when the upstream fix lands."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from lmforge.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig
+from lmforge.manifest import load_error
 
 log = logging.getLogger("lmforge")
 
@@ -140,7 +144,6 @@ def to_universal(ckpt: Path, out: Path) -> None:
     universal-checkpoint metadata DeepSpeed wants (our engine does not write it) is added in
     memory (--inject_missing_state). Its progress output goes to the log at debug level."""
     import argparse
-    import contextlib
     import io
 
     from deepspeed.checkpoint import ds_to_universal
@@ -151,7 +154,7 @@ def to_universal(ckpt: Path, out: Path) -> None:
                               keep_temp_folder=False, strict=True, inject_missing_state=True)
     text = io.StringIO()
     try:
-        with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+        with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text), weights_only():
             ds_to_universal.main(args)
     except Exception as e:
         shutil.rmtree(out, ignore_errors=True)
@@ -288,8 +291,15 @@ class Engine:
                                     save_latest=False)
 
     def load(self, directory: Path, tag: str) -> dict[str, Any]:
-        """Restore engine, optimizer and scheduler state; returns the saved client state."""
-        path, client = self.engine.load_checkpoint(str(directory), tag=tag)
+        """Restore engine, optimizer and scheduler state; returns the saved client state.
+        Every file is read weights-only: a crafted one is refused in one line."""
+        try:
+            with weights_only():
+                path, client = self.engine.load_checkpoint(str(directory), tag=tag)
+        except (pickle.UnpicklingError, RuntimeError) as e:
+            if "weights" not in str(e).lower() and "unpickl" not in str(e).lower():
+                raise
+            raise ConfigError(f"{directory / tag}: {load_error(e)}") from None
         if path is None:
             raise RuntimeError(f"checkpoint {directory / tag} could not be loaded")
         return client
@@ -321,7 +331,7 @@ class Engine:
             return
         base = self.optimizer.optimizer  # the torch optimizer inside DeepSpeed's ZeRO-3 one
         # DeepSpeed's own output, written a moment ago by rank 0 (it holds a ZeroStageEnum).
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        with weights_only():
             saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
                                weights_only=True)["optimizer_state_dict"]["param_groups"]
         if len(saved) != len(base.param_groups):
@@ -332,6 +342,27 @@ class Engine:
         for state in base.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+
+
+@contextlib.contextmanager
+def weights_only() -> Iterator[None]:
+    """Every torch.load inside runs with weights_only=True, whatever the caller passes, with
+    DeepSpeed's plain records allow-listed (deepspeed_safe_globals): a crafted checkpoint
+    file is refused, never unpickled.
+    Workaround: DeepSpeed 0.19's zero_to_fp32, load_checkpoint and ds_to_universal call
+    torch.load(weights_only=False); torch's own switch overrides them. Remove when DeepSpeed
+    loads weights-only itself (tests/test_upstream.py fails then)."""
+    saved = {k: os.environ.pop(k, None)
+             for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 def deepspeed_safe_globals() -> list[type]:

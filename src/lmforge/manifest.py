@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +36,15 @@ def check_file(path: Path, entry: dict[str, Any], checksum: bool = True) -> str 
     if checksum and "sha256" in entry and sha256(path) != entry["sha256"]:
         return "does not match its checksum"
     return None
+
+
+def load_error(e: BaseException) -> str:
+    """One line for a file torch refused to load weights-only (or could not read)."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (f"it pickles {found.group(1)}, which is neither a tensor nor an allow-listed "
+                "DeepSpeed record: refusing to unpickle it")
+    found = re.search(r"WeightsUnpickler error: (.*)", text)
+    lines = [found.group(1)] if found else [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

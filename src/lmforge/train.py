@@ -15,35 +15,36 @@ from lmforge.config import ConfigError, check_cli, conf_dir, one_line, register_
 EXIT_CONFIG = 2  # bad config or input: fix and re-run
 EXIT_DIVERGED = 3  # too many non-finite steps; the last good checkpoint is kept
 EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1/Ctrl-C after a checkpoint: run again to resume
-log = logging.getLogger("lmforge")
 register_configs()
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from lmforge import distributed
-    from lmforge.assembly import build
+    from lmforge.assembly import build, release_run_dir
     from lmforge.loggers import setup_logging
-    from lmforge.trainer import NonFiniteError
+    from lmforge.trainer import NonFiniteError, StopSignals
 
+    StopSignals.install()  # from the start: a signal during set-up still exits 75
     code = 0
     try:
         schema = to_schema(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        info = distributed.setup()
+        info = distributed.setup(schema.trainer.dist_timeout_s)
         setup_logging(info.rank, run_dir)
-        log.info("run dir %s, world size %d, %s", run_dir, info.world_size, info.device)
-        trainer = build(schema, run_dir, info)
-        if trainer is None:
-            log.info("trainer.max_steps=0: wrote %s and stopped (dry run)", run_dir / "summary.json")
-        elif trainer.fit().get("stopped"):
+        trainer = build(schema, run_dir, info)  # None: a dry run
+        if trainer is not None and trainer.fit().get("stopped"):
             code = EXIT_REQUEUE
         distributed.barrier()  # leave together: no rank tears down while a peer still talks
+        release_run_dir(run_dir)
     except ConfigError as e:
+        distributed.report_failure(f"config error: {one_line(e)}", EXIT_CONFIG)
         fail(e)
     except NonFiniteError as e:
-        log.error("%s", e)
+        logging.getLogger("lmforge").error("%s", e)
         code = EXIT_DIVERGED
+    except Exception as e:  # one line for a peer's or the disk's failure; a bug's traceback
+        code = distributed.stop_on_error(e)
     finally:
         distributed.teardown()
     if code:

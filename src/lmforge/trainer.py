@@ -32,26 +32,28 @@ class NonFiniteError(RuntimeError):
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (Slurm's preemption warning) ask the loop to save and exit;
-    Ctrl-C once does the same, twice aborts at once."""
+    """SIGTERM and SIGUSR1 (Slurm's preemption warning) ask the run to save and exit 75;
+    Ctrl-C once does the same, twice aborts at once. Installed once, at process start, so a
+    signal during set-up, resume, conversion, eval or a save is honoured too."""
 
-    def __init__(self) -> None:
-        self.received: str | None = None
+    received: str | None = None
+    _installed = False
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.received is not None:
+    @classmethod
+    def install(cls) -> type["StopSignals"]:
+        if not cls._installed:
+            for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                signal.signal(s, cls._handle)
+            cls._installed = True
+        return cls
+
+    @classmethod
+    def _handle(cls, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and cls.received is not None:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: finishing this step, then saving and exiting", self.received)
-
-    def __enter__(self) -> "StopSignals":
-        self.previous = {s: signal.signal(s, self._handle)
-                         for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self.previous.items():
-            signal.signal(s, h)
+        cls.received = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step (or set-up), checkpointing what "
+                    "is new, then exiting 75", cls.received)
 
 
 class Trainer:
@@ -66,7 +68,7 @@ class Trainer:
         t = cfg.trainer
         self.samples_per_step = t.micro_batch_size * t.grad_accum_steps * info.world_size
         self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
-        self.step, self.tokens, self.wandb_id = 0, 0, None
+        self.step, self.tokens, self.wandb_id, self.saved_step = 0, 0, None, -1
         self.last_loss, self.last_val, self.bad_steps = float("nan"), None, 0
         self.data_skipped = 0
         self.tokenizer_sha256 = sha256(run_dir / "tokenizer.json")
@@ -87,10 +89,13 @@ class Trainer:
         masks differ from an uninterrupted run. The engine state: ZeRO-0 loads as it is;
         the partitioned optimizer state of ZeRO 1-3 is first converted (never in place) to
         a DeepSpeed universal checkpoint in checkpoints/.universal-<tag>/, removed after."""
+        t = self.cfg.trainer
+        distributed.mark("resume")
         r = checkpoint.choose_resume(
-            self.ckpt_dir, self.cfg.trainer.resume_from, self.info.rank, self.info.world_size,
-            self.loader.layout_free, self.cfg.parallel.zero_stage,
-            {"model": dataclasses.asdict(self.cfg.model), "tokenizer_sha256": self.tokenizer_sha256})
+            self.ckpt_dir, t.resume_from, t.start_fresh, self.info, self.loader.layout_free,
+            self.cfg.parallel.zero_stage, {"model": dataclasses.asdict(self.cfg.model),
+                                           "tokenizer_sha256": self.tokenizer_sha256,
+                                           "guard": self.guard()})
         if r is None:
             return
         if r.universal:
@@ -99,6 +104,7 @@ class Trainer:
             self.engine.load(r.ckpt.parent, r.ckpt.name)
         state = r.state
         self.step, self.tokens, self.wandb_id = state["step"], state["tokens"], state["wandb_id"]
+        self.saved_step = self.step
         self.loader.load_state_dict(state["loader"])
         if r.regrid:
             checkpoint.reseed(self.cfg.trainer.seed, self.step, self.info.rank)
@@ -139,13 +145,26 @@ class Trainer:
             if self.info.is_main:
                 shutil.rmtree(scratch, ignore_errors=True)
 
+    def guard(self) -> dict[str, Any]:
+        """What a checkpoint cannot continue under when changed (refused on resume)."""
+        d = self.cfg.data
+        sources = [dataclasses.asdict(s) for s in d.sources] if d.source == "mixture" else \
+            {"files": list(d.paths), "hub": d.hub_name, "shards": d.shards_dir}.get(d.source)
+        return {"parallel.zero_stage": self.cfg.parallel.zero_stage,
+                "precision.dtype": self.cfg.precision.dtype, "data.seq_len": d.seq_len,
+                "data.source": d.source, "data.sources": sources}
+
     def save(self) -> None:
+        if self.saved_step == self.step:
+            return  # e.g. a signal right after a periodic save: no second save
+        distributed.mark(f"save step {self.step}")
         state = {"step": self.step, "tokens": self.tokens, "wandb_id": self.wandb_id,
                  "loader": self.loader.state_dict(), "model": dataclasses.asdict(self.cfg.model),
-                 "tokenizer_sha256": self.tokenizer_sha256}
-        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.info.rank,
+                 "tokenizer_sha256": self.tokenizer_sha256, "guard": self.guard()}
+        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.info,
                                self.cfg.trainer.keep_last,
                                (self.run_dir / "config.yaml", self.run_dir / "tokenizer.json"))
+        self.saved_step, self.last_save = self.step, time.monotonic()
         log.info("saved %s", path)
 
     def evaluate(self) -> dict[str, float]:
@@ -158,6 +177,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to trainer.max_steps; returns the summary (`stopped` says why it ended early)."""
         t, start = self.cfg.trainer, time.perf_counter()
+        signals = StopSignals.install()
         self.resume()
         if self.info.is_main:  # after resume() accepted the checkpoint for this config
             write_config(self.run_dir, self.cfg)
@@ -165,36 +185,49 @@ class Trainer:
             log.info("already at step %d of trainer.max_steps=%d: nothing to do",
                      self.step, t.max_steps)
             return self.summary
+        if distributed.any_rank([signals.received is not None], self.info.device)[0]:
+            # Nothing new since the checkpoint just resumed (or since step 0): no save.
+            self.summary["stopped"] = signals.received or "signal on another rank"
+            return self.summary
+        if not (t.save_every or t.save_every_min):
+            log.warning("no periodic checkpoint (trainer.save_every=0, trainer.save_every_min=0)"
+                        ": a crash before step %d loses the whole run", t.max_steps)
         sinks = self._sinks()
         self.meter.reset()
+        self.last_save = time.monotonic()
         window, n, bad = torch.zeros((), device=self.info.device), 0, 0
-        with StopSignals() as signals:
-            while self.step < t.max_steps:
-                t0 = time.perf_counter()
-                micro = [next(self.loader) for _ in range(t.grad_accum_steps)]
-                wait = time.perf_counter() - t0
-                loss, grad_norm, applied = self.engine.train_step(micro)
-                self.step += 1
-                self.tokens += self.tokens_per_step
-                self.meter.update(self.tokens_per_step, self.samples_per_step, wait)
-                bad = self._check_finite(loss, applied, bad)
-                window, n = window + loss, n + 1
-                metrics: dict[str, Any] = {}
-                if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
-                    metrics.update(self._train_metrics(window / n, grad_norm))
-                    window, n = torch.zeros_like(window), 0
-                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
-                    metrics.update(self.evaluate())
-                for s in sinks if metrics else []:
-                    s.log(self.step, metrics)
-                if distributed.any_rank(signals.received is not None, self.info.device):
-                    self.summary["stopped"] = signals.received or "signal on another rank"
-                    break
-                # No checkpoint in a non-finite streak: the last one stays the last good one.
-                if (t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps
-                        and bad == 0):
-                    self.save()
-            self.save()
+        while self.step < t.max_steps:
+            distributed.mark(f"step {self.step + 1}")
+            t0 = time.perf_counter()
+            micro = [next(self.loader) for _ in range(t.grad_accum_steps)]
+            wait = time.perf_counter() - t0
+            loss, grad_norm, applied = self.engine.train_step(micro)
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            self.meter.update(self.tokens_per_step, self.samples_per_step, wait)
+            bad = self._check_finite(loss, applied, bad)
+            window, n = window + loss, n + 1
+            metrics: dict[str, Any] = {}
+            if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
+                metrics.update(self._train_metrics(window / n, grad_norm))
+                window, n = torch.zeros_like(window), 0
+            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+                metrics.update(self.evaluate())
+            for s in sinks if metrics else []:
+                s.log(self.step, metrics)
+            # Rank 0's clock decides time-based saves: every rank must agree.
+            due = self.info.is_main and t.save_every_min > 0 and \
+                time.monotonic() - self.last_save >= 60 * t.save_every_min
+            stop, due = distributed.any_rank([signals.received is not None, due],
+                                             self.info.device)
+            if stop:
+                self.summary["stopped"] = signals.received or "signal on another rank"
+                break
+            due = due or bool(t.save_every and self.step % t.save_every == 0)
+            # No checkpoint in a non-finite streak: the last one stays the last good one.
+            if due and self.step < t.max_steps and bad == 0:
+                self.save()
+        self.save()
         self.loader.close()
         self.summary.update(data_skipped=self.loader.skipped,
                             final_loss=self.last_loss, final_val_loss=self.last_val,
