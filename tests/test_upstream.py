@@ -220,9 +220,9 @@ def _poisoned_checkpoint(tmp_path: Path) -> Path:
 
 
 def _zero_to_fp32(ckpt: Path) -> None:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from lmforge.engine import zero_fp32_state_dict  # DeepSpeed's zero_to_fp32, bare
 
-    get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    zero_fp32_state_dict(ckpt)
 
 
 def _load_checkpoint(ckpt: Path) -> None:
@@ -238,13 +238,13 @@ def _ds_to_universal(ckpt: Path) -> None:
 
 
 @pytest.mark.parametrize("reader, then", [
-    (_zero_to_fp32, "remove consolidate.py:_weights_only (the forced weights-only loads "
-                    "around zero_to_fp32 in consolidate.py:consolidate)"),
+    (_zero_to_fp32, "remove consolidate.py:weights_only (the forced weights-only loads "
+                    "around engine.zero_fp32_state_dict in consolidate.py:consolidate)"),
     (_load_checkpoint, "nothing to remove (engine.py:Engine.load, via resume, reads only a "
                        "run's own checkpoints), but resuming foreign checkpoints becomes safe"),
-    (_ds_to_universal, "nothing to remove (engine.py:to_universal converts only a run's own "
-                       "checkpoints); Engine.load_universal's own weights_only=False load of "
-                       "zero/optimizer_state.pt remains"),
+    (_ds_to_universal, "nothing to remove (engine.py:to_universal, via resume at another "
+                       "world size, converts only a run's own checkpoints), but converting "
+                       "foreign checkpoints becomes safe"),
 ], ids=["zero_to_fp32", "load_checkpoint", "ds_to_universal"])
 def test_deepspeed_checkpoint_readers_unpickle_anything(tmp_path: Path, reader, then: str,
                                                         monkeypatch) -> None:
@@ -252,7 +252,7 @@ def test_deepspeed_checkpoint_readers_unpickle_anything(tmp_path: Path, reader, 
     TorchCheckpointEngine, ds_to_universal) call torch.load(weights_only=False), explicitly
     since deepspeedai/DeepSpeed#6751: a checkpoint runs arbitrary code as it is read. (Its
     optimizer states pickle DeepSpeed classes, e.g. ZeroStageEnum, deepspeedai/DeepSpeed#8500,
-    hence consolidate.py:_allowed_globals.)"""
+    hence engine.py:deepspeed_safe_globals.)"""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
         monkeypatch.delenv(k, raising=False)
@@ -313,7 +313,7 @@ def test_hydra_advises_plus_key_for_a_typo_in_a_structured_config() -> None:
         compose(["trainer.max_stepz=3"])
     assert "To append to your config use +trainer.max_stepz=3" in str(e.value), fixed(
         "Hydra's '+key' advice for a typo in a structured config",
-        "the 'To append' line filter in config.py:one_line (and train.py:one_line)")
+        "the 'To append' line filter in config.py:one_line")
 
 
 # ---------------------------------------------------------------------------- datasets
@@ -375,7 +375,7 @@ def test_datasets_state_dict_loses_the_shuffle_buffer() -> None:
     assert head + [ex["x"] for ex in resumed] != uninterrupted, fixed(
         "datasets' IterableDataset.state_dict() dropping the shuffle buffer",
         "lmforge's own shuffle buffer in data/loader.py (buffer_size=1 in "
-        "Reader._epoch_stream, buffer and RNG in the loader state) if it is worth it")
+        "BlockLoader._epoch_stream, buffer and RNG in the loader state) if it is worth it")
 
 
 # ---------------------------------------------------------------------------- accelerate
