@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up (idempotent): a virtual environment in .venv with lmforge installed.
 #   bash launch/setup.sh        runtime only
-#   bash launch/setup.sh dev    plus the test dependencies (pytest, transformers, accelerate)
+#   bash launch/setup.sh dev    plus the test dependencies (pytest, transformers, setuptools)
 # Torch: an already-installed torch in .venv is kept (bring your own CUDA build); otherwise
 # $LMFORGE_TORCH is installed, by default the pinned CPU-compatible release torch==2.13.0.
 set -euo pipefail
