@@ -232,19 +232,23 @@ def _load_checkpoint(ckpt: Path) -> None:
 
 
 def _ds_to_universal(ckpt: Path) -> None:
-    from lmforge.engine import to_universal
+    import argparse
 
-    to_universal(ckpt, ckpt.parent / "universal")
+    from deepspeed.checkpoint import ds_to_universal  # bare, as engine.to_universal calls it
+
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=str(ckpt), output_folder=str(ckpt.parent / "universal"),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        inject_missing_state=True))
 
 
 @pytest.mark.parametrize("reader, then", [
-    (_zero_to_fp32, "remove consolidate.py:weights_only (the forced weights-only loads "
-                    "around engine.zero_fp32_state_dict in consolidate.py:consolidate)"),
-    (_load_checkpoint, "nothing to remove (engine.py:Engine.load, via resume, reads only a "
-                       "run's own checkpoints), but resuming foreign checkpoints becomes safe"),
-    (_ds_to_universal, "nothing to remove (engine.py:to_universal, via resume at another "
-                       "world size, converts only a run's own checkpoints), but converting "
-                       "foreign checkpoints becomes safe"),
+    (_zero_to_fp32, "remove engine.weights_only() around engine.zero_fp32_state_dict in "
+                    "consolidate.py:consolidate"),
+    (_load_checkpoint, "remove engine.weights_only() around load_checkpoint in "
+                       "engine.py:Engine.load"),
+    (_ds_to_universal, "remove engine.weights_only() around ds_to_universal in "
+                       "engine.py:to_universal"),
 ], ids=["zero_to_fp32", "load_checkpoint", "ds_to_universal"])
 def test_deepspeed_checkpoint_readers_unpickle_anything(tmp_path: Path, reader, then: str,
                                                         monkeypatch) -> None:

@@ -4,6 +4,7 @@ to checkpoints/<tag>/ and only then moves checkpoints/latest. A crash at any mom
 the previous checkpoint intact; resume takes the newest one whose manifest verifies."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -197,6 +198,15 @@ def set_aside(ckpt_dir: Path, ckpts: list[Path], why: str) -> None:
         log.warning("set aside %s (%s): moved to %s; it will not be resumed", c.name, why, target)
 
 
+def prune(ckpt_dir: Path, keep_last: int, newest: Path) -> None:
+    """Keep the `keep_last` checkpoints written last (0: all), `newest` (just written)
+    always among them: write order, not step names, which a rollback makes disagree."""
+    if keep_last > 0:
+        older = sorted((p for p in _step_dirs(ckpt_dir) if p != newest), key=written_at)
+        for old in older[:max(len(older) - (keep_last - 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save(engine: Any, ckpt_dir: Path, step: int, trainer_state: dict[str, Any],
          info: DistInfo, keep_last: int, extra_files: tuple[Path, ...] = ()) -> Path:
     """Every rank calls this; returns the final checkpoint directory. `extra_files` (the
@@ -216,8 +226,14 @@ def save(engine: Any, ckpt_dir: Path, step: int, trainer_state: dict[str, Any],
             shutil.copyfile(f, tmp / f.name)
 
     on_main(info, prepare)
-    engine.save(ckpt_dir, tmp_tag, client_state={"step": step})
-    torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{info.rank}.pt")
+    try:
+        engine.save(ckpt_dir, tmp_tag, client_state={"step": step})
+        torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{info.rank}.pt")
+    except RuntimeError as e:  # torch's zip writer reports a failed write this way
+        if "unexpected pos" not in str(e) and "failed writing" not in str(e):
+            raise
+        raise OSError(errno.EIO, "could not write this rank's checkpoint files (disk full or "
+                      "an I/O error?)", str(tmp)) from e
     barrier()
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     mine = {p.relative_to(tmp).as_posix(): _fsynced_entry(p)
@@ -231,10 +247,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, trainer_state: dict[str, Any],
         os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
         write_latest(ckpt_dir, tag)
-        if keep_last > 0:  # by write order: the checkpoint just written always stays
-            older = sorted((p for p in _step_dirs(ckpt_dir) if p != final), key=written_at)
-            for old in older[:max(len(older) - (keep_last - 1), 0)]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune(ckpt_dir, keep_last, final)
 
     on_main(info, publish)
     return final

@@ -220,13 +220,14 @@ class Trainer:
                 time.monotonic() - self.last_save >= 60 * t.save_every_min
             stop, due = distributed.any_rank([signals.received is not None, due],
                                              self.info.device)
+            due = due or bool(t.save_every and self.step % t.save_every == 0)
+            # No checkpoint in a non-finite streak: the last one stays the last good one.
+            if due and not stop and self.step < t.max_steps and bad == 0:
+                self.save()  # a signal during it stops the run now, without another save
+                stop = distributed.any_rank([signals.received is not None], self.info.device)[0]
             if stop:
                 self.summary["stopped"] = signals.received or "signal on another rank"
                 break
-            due = due or bool(t.save_every and self.step % t.save_every == 0)
-            # No checkpoint in a non-finite streak: the last one stays the last good one.
-            if due and self.step < t.max_steps and bad == 0:
-                self.save()
         self.save()
         self.loader.close()
         self.summary.update(data_skipped=self.loader.skipped,
