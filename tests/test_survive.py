@@ -4,7 +4,6 @@ poisoned checkpoints refused; signals honoured from start to exit; one job per r
 from __future__ import annotations
 
 import os
-import pickle
 import resource
 import signal
 import subprocess
@@ -16,7 +15,6 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, read_metrics
-from lmforge import checkpoint
 from lmforge.checkpoint import (SET_ASIDE, latest_good, load_trainer_state, pick_checkpoint,
                                 prune, verify, write_latest, write_manifest)
 from lmforge.config import ConfigError
