@@ -36,6 +36,10 @@ class ModelConfig:
     type_vocab_size: int = 2  # BERT token-type embeddings; 0 drops them
     dropout: float = 0.0
     init_std: float = 0.02
+    # Start from pretrained weights: an HF model directory (GPT-2, Llama, BERT), an lmforge
+    # export, run or checkpoint, or a hub name. Its config sets the architecture keys above
+    # (and vocab_size) and its tokenizer.json becomes tokenizer.path (lmforge.pretrained).
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -208,9 +212,14 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
-def to_schema(cfg: DictConfig) -> "TrainConfig":
-    """The typed, validated config (raises ConfigError)."""
+def to_schema(cfg: DictConfig, overrides: list[str] = ()) -> "TrainConfig":
+    """The typed, validated config (raises ConfigError); `overrides`: the command line's, which
+    model.init_from checks its source's architecture against."""
     obj = OmegaConf.to_object(cfg)
+    if obj.model.init_from:
+        from lmforge.pretrained import apply_init_from  # reads the source's config files
+
+        apply_init_from(obj, list(overrides))
     validate(obj)
     return obj
 
@@ -224,7 +233,8 @@ def compose(overrides: list[str] | None = None, config_dir: str | None = None,
     register_configs()
     extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return to_schema(hydra_compose(config_name, overrides=extra + list(overrides or [])))
+        return to_schema(hydra_compose(config_name, overrides=extra + list(overrides or [])),
+                         list(overrides or []))
 
 
 def check_cli(argv: list[str]) -> None:

@@ -4,6 +4,7 @@ writes model.safetensors, config.json and the tokenizer files of a run's checkpo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -188,6 +189,51 @@ def _bert(cfg: ModelConfig, take: Take, sd: dict[str, Tensor]) -> dict[str, Tens
     out[f"{c}decoder.bias"] = take("decoder.bias")
     out[f"{c}bias"] = out[f"{c}decoder.bias"]  # HF ties these two
     return out
+
+
+# A piece of an lmforge tensor in an HF checkpoint: the HF names that hold it (tied copies
+# are alternatives) and whether it is stored transposed (GPT-2's Conv1D).
+Piece = tuple[tuple[str, ...], bool]
+
+
+def hf_pieces(cfg: ModelConfig) -> dict[str, list[Piece]]:
+    """to_hf_state_dict run backwards: for each lmforge key of cfg's model (a tied head left
+    out), the HF tensors it is made of, concatenated along dim 0 in this order. Found by
+    mapping a small model of the same structure whose entries are their own positions, so the
+    mapping above stays the only one."""
+    small = dataclasses.replace(cfg, d_model=8, n_heads=2, d_ff=12, vocab_size=5, max_seq_len=3,
+                                n_kv_heads=None if kv_heads(cfg) == cfg.n_heads else 1,
+                                type_vocab_size=min(cfg.type_vocab_size, 2))
+    from lmforge.models import build_model
+
+    with torch.device("meta"):
+        named = dict(build_model(small).named_parameters())  # tied parameters once
+    probe, start = {}, 1  # 0 marks an HF entry made of nothing of ours (BERT's zero types)
+    for k, p in named.items():
+        probe[k] = torch.arange(start, start + p.numel(), dtype=torch.float64).view(p.shape)
+        start += p.numel()
+    found: dict[str, dict[int, tuple[int, Piece]]] = {k: {} for k in probe}
+    for hf_key, t in to_hf_state_dict(small, probe).items():
+        first = float(t.flatten()[0])
+        if first == 0:
+            continue
+        key = next(k for k, v in probe.items() if v.flatten()[0] <= first <= v.flatten()[-1])
+        src = probe[key]
+        row = int(first - src.flatten()[0]) // (src.numel() // src.shape[0])
+        transposed = next(tr for tr in (False, True) if _same(src, row, t.t() if tr else t))
+        names = found[key][row][1][0] if row in found[key] else ()
+        found[key][row] = (len(t.t() if transposed else t), (names + (hf_key,), transposed))
+    out = {}
+    for key, rows in found.items():
+        ends = [0] + [r + rows[r][0] for r in sorted(rows)]
+        if not rows or ends[:-1] != sorted(rows) or ends[-1] != len(probe[key]):
+            raise AssertionError(f"to_hf_state_dict does not cover {key} exactly once")
+        out[key] = [rows[r][1] for r in sorted(rows)]
+    return out
+
+
+def _same(src: Tensor, row: int, piece: Tensor) -> bool:
+    return piece.shape[1:] == src.shape[1:] and torch.equal(src[row:row + len(piece)], piece)
 
 
 # ---------------------------------------------------------------- lmforge-export

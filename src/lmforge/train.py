@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     StopSignals.install()  # from the start: a signal during set-up still exits 75
     code = 0
     try:
-        schema = to_schema(cfg)
+        schema = to_schema(cfg, list(HydraConfig.get().overrides.task))
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         info = distributed.setup(schema.trainer.dist_timeout_s)
         setup_logging(info.rank, run_dir)
