@@ -228,13 +228,18 @@ def compose(overrides: list[str] | None = None, config_dir: str | None = None,
             config_name: str = "train") -> "TrainConfig":
     """The typed config `lmforge-train` builds for these overrides (`config_dir`: a user's
     extra config dir, as Hydra's --config-dir adds it)."""
+    return to_schema(compose_dict(overrides, config_dir, config_name), list(overrides or []))
+
+
+def compose_dict(overrides: list[str] | None = None, config_dir: str | None = None,
+                 config_name: str = "train") -> DictConfig:
+    """compose() before validation, for a caller that fills in more (lmforge-eval)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     register_configs()
     extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return to_schema(hydra_compose(config_name, overrides=extra + list(overrides or [])),
-                         list(overrides or []))
+        return hydra_compose(config_name, overrides=extra + list(overrides or []))
 
 
 def check_cli(argv: list[str]) -> None:

@@ -162,9 +162,10 @@ def copy_weights(model: nn.Module, weights: Mapping[str, Tensor] | None,
                     p.copy_(weights[name])
 
 
-def load_model(given: str, device: str = "cpu") -> tuple[nn.Module, Tokenizer, Source]:
+def load_model(given: str | Source, device: str = "cpu"
+               ) -> tuple[nn.Module, Tokenizer, Source]:
     """The plain lmforge model (eval mode) of any source, with its tokenizer."""
-    src = resolve_source(given)
+    src = given if isinstance(given, Source) else resolve_source(given)
     tok = read_tokenizer(src.tokenizer)
     if tok.get_vocab_size() > src.model.vocab_size:
         raise SourceError(f"{src.tokenizer} has {tok.get_vocab_size()} tokens, more than the "
