@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tokenizers import Tokenizer
@@ -26,6 +26,8 @@ from lmforge.engine import Engine, check_precision, create_model, ds_config
 from lmforge.metrics import flops_per_token, head_fraction, model_state_gb
 from lmforge.models import build_model
 from lmforge.manifest import sha256
+from lmforge.pretrained import resolve_source
+from lmforge.weights import copy_weights, load_weights
 from lmforge.checkpoint import claim_run_dir, release_run_dir  # noqa: F401 (train.py's)
 from lmforge.trainer import Trainer, write_config, write_summary
 
@@ -116,6 +118,21 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, corpus: Corp
     return WorkerLoader(train, d.num_workers), val
 
 
+def pretrained_loader(cfg: TrainConfig, info: DistInfo
+                      ) -> Callable[[torch.nn.Module, Any], None]:
+    """Fills a model with model.init_from's weights. They are read and checked (names, shapes)
+    on rank 0 first, so a bad source stops every rank before any collective; under ZeRO-3 only
+    rank 0 holds them (the gathered tensor it writes is what every partition receives)."""
+    source = resolve_source(str(cfg.model.init_from))
+    read: dict[str, Any] = {}
+    distributed.on_main(info, lambda: read.update(weights=load_weights(source)))
+    if not info.is_main and cfg.parallel.zero_stage != 3:
+        read["weights"] = load_weights(source)
+    log.info("model.init_from=%s: %s weights from %s", cfg.model.init_from, source.family,
+             source.path)
+    return lambda model, gather: copy_weights(model, read.get("weights"), gather)
+
+
 def summarize(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, vocab: int,
               corpus: Corpus) -> dict[str, Any]:
     """summary.json's opening: sizes, FLOPs per token, layout, corpus fingerprint."""
@@ -127,6 +144,8 @@ def summarize(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, vocab: i
                "world_size": info.world_size, "zero_stage": p.zero_stage, "dtype": dt,
                "vocab_size": cfg.model.vocab_size, "tokenizer_vocab_size": vocab,
                "seq_len": seq, "corpus": corpus.info}
+    if cfg.model.init_from:
+        summary["init_from"] = resolve_source(cfg.model.init_from).describe()
     if p.activation_checkpointing:
         summary["hardware_flops_per_token"] = flops_per_token(cfg.model, seq, recompute=True,
                                                               head_share=share)
@@ -157,8 +176,9 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
         with torch.device("meta"):
             model = build_model(cfg.model)
     else:
+        load = pretrained_loader(cfg, info) if cfg.model.init_from else None
         model = create_model(lambda: build_model(cfg.model), engine_cfg, cfg.parallel,
-                             info.device)
+                             info.device, load)
     summary = summarize(cfg, model, info, vocab, corpus)
     if info.is_main:
         (run_dir / "ds_config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")

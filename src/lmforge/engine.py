@@ -122,18 +122,30 @@ def init_distributed(device: torch.device) -> None:
 
 
 def create_model(build: Callable[[], nn.Module], config: dict[str, Any],
-                 parallel: ParallelConfig, device: torch.device) -> nn.Module:
-    """`build()`, except under ZeRO-3: there every rank creates only its partition of each
-    parameter (deepspeed.zero.Init; no rank ever holds the whole model) and the model's
-    initialisation runs again one gathered tensor at a time, drawn on rank 0."""
+                 parallel: ParallelConfig, device: torch.device,
+                 load: Callable[[nn.Module, Callable | None], None] | None = None) -> nn.Module:
+    """`build()`, then `load(model, gather)` when given (pretrained weights). Under ZeRO-3
+    every rank creates only its partition of each parameter (deepspeed.zero.Init; no rank ever
+    holds the whole model), and the model's initialisation, or `load`, runs again one gathered
+    tensor at a time (`gather(param)`), written on rank 0."""
     if parallel.zero_stage != 3:
-        return build()
+        model = build()
+        if load is not None:
+            load(model, None)
+        return model
     import deepspeed
 
     init_distributed(device)
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = build()
-    model.init_weights(gather=lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=0))
+
+    def gather(p: nn.Parameter) -> Any:
+        return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+
+    if load is None:
+        model.init_weights(gather=gather)
+    else:
+        load(model, gather)
     return model
 
 

@@ -79,8 +79,8 @@ class HFWeights(Mapping):
             if got != want:
                 names = ", ".join(n for n, _ in stored[key])
                 raise SourceError(f"the weights in {root} do not match its config.json: "
-                                  f"{names} make {key} of shape {list(got)}, the config needs "
-                                  f"{list(want)}")
+                                  f"{key} (from {names}) has shape {list(got)}, the config "
+                                  f"needs {list(want)}")
 
     def _shape(self, key: str) -> tuple[int, ...]:
         shapes = [self.files.shape(n)[::-1] if tr else self.files.shape(n)
