@@ -95,6 +95,25 @@ def test_export_loss_is_transformers_loss_on_the_same_blocks(
         got["loss"] * got["tokens"] / math.log(2) / n_bytes, rel=1e-12)
 
 
+def test_a_llama_tokenizer_ending_documents_with_s_evaluates_as_transformers(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Pretrained Llama tokenizers end documents with </s>, not <|endoftext|>."""
+    transformers = pytest.importorskip("transformers")
+    llama = tiny_hf(tmp_path, "llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = llama / name
+        path.write_text(path.read_text().replace("<|endoftext|>", "</s>"))
+    text = random_corpus(tmp_path / "text.jsonl", 20, seed=2)
+    got = evaluate(capsys, llama, "data=files", f"data.paths=[{text}]", f"data.seq_len={SEQ}")
+    tok = transformers.AutoTokenizer.from_pretrained(llama)
+    assert tok.convert_tokens_to_ids("</s>") == 0
+    x = gpt_blocks(tok, docs(text), 0)
+    with torch.no_grad():
+        logits = hf_model(llama)(input_ids=x[:, :-1]).logits
+    want = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
+    assert got["tokens"] == x[:, 1:].numel() and abs(got["loss"] - want) < 1e-4
+
+
 def test_token_bytes_are_the_utf8_bytes_of_the_text(gpt2_dir: Path, tmp_path: Path) -> None:
     _, tok, _ = load_model(str(gpt2_dir))
     text = "def f(x):\n    return 'héllo wörld — 数据 🙂'  # ünïcode\t\n"

@@ -275,7 +275,8 @@ def write_tokenizer(src: Path, tok: Tokenizer, out: Path, arch: str,
     ids = special_ids(tok, kind)
     roles = SPECIALS[kind]
     if kind == "bpe":  # GPT-2's convention: one token begins and ends every document
-        specials = {"bos_token": roles["eos"], "eos_token": roles["eos"]}
+        eos = tok.id_to_token(ids["eos"])
+        specials = {"bos_token": eos, "eos_token": eos}
     else:
         specials = {f"{role}_token": token for role, token in roles.items()}
     (out / "tokenizer.json").write_bytes(src.read_bytes())

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from lmforge.config import ConfigError
+from lmforge.data.tokenizer import special_ids
 
 
 def pick(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -82,12 +83,8 @@ def continue_text(model: nn.Module, tok: Tokenizer, prompt: str, args: argparse.
                   ) -> int:
     """Stream the continuation of `prompt` to stdout; returns the number of tokens made."""
     ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
-    if not ids:  # unconditional: start a new document
-        eos = tok.token_to_id("<|endoftext|>")
-        if eos is None:
-            raise ConfigError("an empty prompt starts from <|endoftext|>, which this tokenizer "
-                              "lacks; give --prompt")
-        ids = [eos]
+    if not ids:  # unconditional: start a new document after an end of text
+        ids = [special_ids(tok, "bpe")["eos"]]
     stream, n = Stream(tok, sys.stdout), 0
     for token in sample(model, ids, args.max_new_tokens, args.temperature, args.top_k,
                         args.top_p, args.seed):

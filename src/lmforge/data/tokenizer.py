@@ -114,13 +114,20 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                           f"{str(e).splitlines()[0]}") from None
 
 
+# End-of-text tokens of pretrained tokenizers (model.init_from): GPT-2's and lmforge's, Llama
+# 2's, Llama 3's. The first one a tokenizer has separates documents.
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>")
+
+
 def special_ids(tok: Tokenizer, kind: str) -> dict[str, int]:
     """Ids of the kind's special tokens; a tokenizer that lacks one is an error."""
     ids = {}
     for role, token in SPECIALS[kind].items():
-        i = tok.token_to_id(token)
+        names = EOS_TOKENS if (kind, role) == ("bpe", "eos") else (token,)
+        i = next((tok.token_to_id(t) for t in names if tok.token_to_id(t) is not None), None)
         if i is None:
-            raise ConfigError(f"the tokenizer has no {token!r} token, which a {kind} model "
-                              f"needs as {role}; train one with tokenizer.path=null")
+            raise ConfigError(f"the tokenizer has no {' or '.join(map(repr, names))} token, "
+                              f"which a {kind} model needs as {role}; train one with "
+                              "tokenizer.path=null")
         ids[role] = i
     return ids
