@@ -184,6 +184,30 @@ def test_command_line_values_must_agree_with_the_source(hf_dirs: dict[str, Path]
         compose([*FAST, f"model.init_from={src}", "tokenizer.path=/x.json"])
 
 
+# The hub's openai-community/gpt2 config.json: written by an old transformers, it leaves out
+# keys at their defaults (tie_word_embeddings, n_inner).
+HUB_GPT2 = {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
+            "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256,
+            "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
+            "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+            "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
+            "summary_proj_to_labels": True, "summary_type": "cls_index",
+            "summary_use_proj": True, "vocab_size": 50257,
+            "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}}}
+
+
+def test_the_hubs_gpt2_config_is_gpt2_124m(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(HUB_GPT2))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # weights are not read here
+    shutil.copy(hf_dirs["gpt2"] / "tokenizer.json", tmp_path)
+    cfg = compose([*FAST, "model=gpt2_124m", f"model.init_from={tmp_path}"])
+    with torch.device("meta"):
+        assert build_model(cfg.model).num_params() == 124_439_808
+    assert cfg.model.tie_embeddings and cfg.model.d_ff is None and cfg.model.dropout == 0.0
+    with pytest.raises(ConfigError, match=r"^model=gpt_tiny \(its n_layers=4\)"):
+        compose([*FAST, "model=gpt_tiny", f"model.init_from={tmp_path}"])
+
+
 def test_a_contradicting_override_stops_training_in_one_line(hf_dirs: dict[str, Path],
                                                              tmp_path: Path) -> None:
     proc = run_train(tmp_path / "run", *FAST, f"model.init_from={hf_dirs['gpt2']}",
