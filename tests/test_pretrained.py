@@ -166,7 +166,7 @@ def test_a_run_and_its_export_are_sources_too(tmp_path: Path, capsys) -> None:
             assert torch.equal(v, ckpt[k]), (path, k)
 
 
-# ------------------------------------------------------------------ the architecture is the source's
+# ------------------------------------------------------- the architecture is the source's
 
 def test_command_line_values_must_agree_with_the_source(hf_dirs: dict[str, Path]) -> None:
     src = hf_dirs["llama"]

@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from lmforge.config import ConfigError, ModelConfig, TrainConfig
 
@@ -151,41 +151,52 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> ModelConfig
     if family not in FAMILIES:
         raise SourceError(f"{where}: model_type={family!r} is not a model family lmforge "
                           f"builds; supported: {SUPPORTED}")
-    c = {**_HF_DEFAULTS[family], **d}
 
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise SourceError(f"{where}: {what} is not part of the {family} lmforge builds")
 
-    if family == "gpt2":
-        need(c["activation_function"] in _ACTIVATIONS,
-             f"activation_function={c['activation_function']!r}")
-        need(c["scale_attn_weights"] and not c["scale_attn_by_inverse_layer_idx"]
-             and not c["reorder_and_upcast_attn"], "non-standard attention scaling")
-        return ModelConfig(arch="gpt", n_layers=c["n_layer"], n_heads=c["n_head"],
-                           d_model=c["n_embd"], d_ff=c["n_inner"], max_seq_len=c["n_positions"],
-                           vocab_size=c["vocab_size"], norm="layernorm",
-                           norm_eps=c["layer_norm_epsilon"],
-                           activation=_ACTIVATIONS[c["activation_function"]], pos_emb="learned",
-                           bias=True, tie_embeddings=c["tie_word_embeddings"])
-    if family == "llama":
-        rope = c["rope_parameters"] or c["rope_scaling"] or {}
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        need(kind == "default", f"rope type {kind!r} (scaled RoPE)")
-        need(c["hidden_act"] == "silu", f"hidden_act={c['hidden_act']!r}")
-        need(c["attention_bias"] == c["mlp_bias"], "attention_bias != mlp_bias")
-        heads, width = c["num_attention_heads"], c["hidden_size"]
-        need((c["head_dim"] or width // heads) * heads == width,
-             f"head_dim={c['head_dim']} x {heads} heads != hidden_size={width}")
-        kv = c["num_key_value_heads"] or heads
-        return ModelConfig(arch="gpt", n_layers=c["num_hidden_layers"], n_heads=heads,
-                           n_kv_heads=None if kv == heads else kv, d_model=width,
-                           d_ff=c["intermediate_size"],
-                           max_seq_len=c["max_position_embeddings"], vocab_size=c["vocab_size"],
-                           norm="rmsnorm", norm_eps=c["rms_norm_eps"], activation="swiglu",
-                           pos_emb="rope", rope_theta=float(rope.get("rope_theta",
-                                                                     c["rope_theta"])),
-                           bias=c["attention_bias"], tie_embeddings=c["tie_word_embeddings"])
+    reader = {"gpt2": _gpt2, "llama": _llama, "bert": _bert}[family]
+    return reader({**_HF_DEFAULTS[family], **d}, need)
+
+
+Need = Callable[[bool, str], None]
+
+
+def _gpt2(c: dict[str, Any], need: Need) -> ModelConfig:
+    need(c["activation_function"] in _ACTIVATIONS,
+         f"activation_function={c['activation_function']!r}")
+    need(c["scale_attn_weights"] and not c["scale_attn_by_inverse_layer_idx"]
+         and not c["reorder_and_upcast_attn"], "non-standard attention scaling")
+    return ModelConfig(arch="gpt", n_layers=c["n_layer"], n_heads=c["n_head"],
+                       d_model=c["n_embd"], d_ff=c["n_inner"], max_seq_len=c["n_positions"],
+                       vocab_size=c["vocab_size"], norm="layernorm",
+                       norm_eps=c["layer_norm_epsilon"],
+                       activation=_ACTIVATIONS[c["activation_function"]], pos_emb="learned",
+                       bias=True, tie_embeddings=c["tie_word_embeddings"])
+
+
+def _llama(c: dict[str, Any], need: Need) -> ModelConfig:
+    # transformers 5 writes rope_parameters; older config.json files rope_theta/rope_scaling.
+    rope = c["rope_parameters"] or c["rope_scaling"] or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    need(kind == "default", f"rope type {kind!r} (scaled RoPE)")
+    need(c["hidden_act"] == "silu", f"hidden_act={c['hidden_act']!r}")
+    need(c["attention_bias"] == c["mlp_bias"], "attention_bias != mlp_bias")
+    heads, width = c["num_attention_heads"], c["hidden_size"]
+    need((c["head_dim"] or width // heads) * heads == width,
+         f"head_dim={c['head_dim']} x {heads} heads != hidden_size={width}")
+    kv = c["num_key_value_heads"] or heads
+    return ModelConfig(arch="gpt", n_layers=c["num_hidden_layers"], n_heads=heads,
+                       n_kv_heads=None if kv == heads else kv, d_model=width,
+                       d_ff=c["intermediate_size"], max_seq_len=c["max_position_embeddings"],
+                       vocab_size=c["vocab_size"], norm="rmsnorm", norm_eps=c["rms_norm_eps"],
+                       activation="swiglu", pos_emb="rope",
+                       rope_theta=float(rope.get("rope_theta", c["rope_theta"])),
+                       bias=c["attention_bias"], tie_embeddings=c["tie_word_embeddings"])
+
+
+def _bert(c: dict[str, Any], need: Need) -> ModelConfig:
     need(c["hidden_act"] in _ACTIVATIONS, f"hidden_act={c['hidden_act']!r}")
     need(c["position_embedding_type"] == "absolute",
          f"position_embedding_type={c['position_embedding_type']!r}")
