@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge import checkpoint, distributed
-from lmforge.config import ConfigError, TrainConfig
+from lmforge.config import ConfigError, ModelConfig, TrainConfig
 from lmforge.data.workers import WorkerLoader
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, to_universal
@@ -93,7 +93,7 @@ class Trainer:
         distributed.mark("resume")
         r = checkpoint.choose_resume(
             self.ckpt_dir, t.resume_from, t.start_fresh, self.info, self.loader.layout_free,
-            self.cfg.parallel.zero_stage, {"model": dataclasses.asdict(self.cfg.model),
+            self.cfg.parallel.zero_stage, {"model": model_record(self.cfg.model),
                                            "tokenizer_sha256": self.tokenizer_sha256,
                                            "guard": self.guard()})
         if r is None:
@@ -159,7 +159,7 @@ class Trainer:
             return  # e.g. a signal right after a periodic save: no second save
         distributed.mark(f"save step {self.step}")
         state = {"step": self.step, "tokens": self.tokens, "wandb_id": self.wandb_id,
-                 "loader": self.loader.state_dict(), "model": dataclasses.asdict(self.cfg.model),
+                 "loader": self.loader.state_dict(), "model": model_record(self.cfg.model),
                  "tokenizer_sha256": self.tokenizer_sha256, "guard": self.guard()}
         path = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.info,
                                self.cfg.trainer.keep_last,
@@ -302,6 +302,15 @@ class Trainer:
                 write_report(self.run_dir / "metrics.jsonl", self.run_dir / "report.png")
             if text is not None:
                 print(f"\n--- sample (step {self.step}) ---\n{text}\n---", flush=True)
+
+
+def model_record(model: ModelConfig) -> dict[str, Any]:
+    """What a checkpoint records of its model, and resume compares: the architecture. Not
+    model.init_from, which says how the run started (checkpoints from before it existed
+    still resume)."""
+    record = dataclasses.asdict(model)
+    record.pop("init_from")
+    return record
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
