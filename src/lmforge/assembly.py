@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge import distributed
-from lmforge.config import ConfigError, TrainConfig, resolve_grad_accum
+from lmforge.config import ConfigError, TrainConfig, pad_vocab, resolve_grad_accum
 from lmforge.data.loader import BlockLoader
 from lmforge.data.shards import ShardLoader, ShardSet, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
@@ -137,7 +137,8 @@ def summarize(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, vocab: i
 
 def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     """Tokenizer, model, summary, and (unless max_steps=0: a dry run) data and engine."""
-    log.info("run dir %s, world size %d, %s", run_dir, info.world_size, info.device)
+    log.info("run dir %s, world size %d, device %s (trainer.device=%s)", run_dir,
+             info.world_size, info.device, cfg.trainer.device)
     claim_run_dir(run_dir, info)
     check_precision(cfg.precision.dtype, info.device)
     corpus = open_corpus(cfg)
@@ -146,12 +147,14 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab}; raise it or leave it null")
-    cfg.model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
+    cfg.model = dataclasses.replace(cfg.model,
+                                    vocab_size=cfg.model.vocab_size or pad_vocab(vocab))
     cfg.trainer = dataclasses.replace(
         cfg.trainer, grad_accum_steps=resolve_grad_accum(cfg.trainer, info.world_size))
     t, dry = cfg.trainer, cfg.trainer.max_steps == 0
     engine_cfg = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size,
-                           t.grad_accum_steps, info.world_size, info.device.type == "cuda")
+                           t.grad_accum_steps, info.world_size, info.device.type == "cuda",
+                           cfg.model.d_model)
     torch.manual_seed(t.seed)
     if dry:  # sized on the meta device: no memory, any size
         with torch.device("meta"):

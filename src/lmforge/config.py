@@ -25,7 +25,7 @@ class ModelConfig:
     d_model: int = 256
     d_ff: Optional[int] = None  # None = 4 * d_model
     max_seq_len: int = 1024  # size of the learned position table (RoPE: max positions)
-    vocab_size: Optional[int] = None  # None = from the tokenizer
+    vocab_size: Optional[int] = None  # None = the tokenizer's, padded to a multiple of 64
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # gelu_tanh | gelu | swiglu
@@ -163,6 +163,7 @@ class TrainerConfig:
     resume_from: Optional[str] = None
     start_fresh: bool = False  # a run dir whose checkpoints all fail verification: set them aside
     dist_timeout_s: float = 600.0  # a collective or a silent rank older than this ends the job
+    device: str = "auto"  # auto (CUDA when usable, else CPU) | cuda (refused without CUDA) | cpu
     max_bad_steps: int = 5  # non-finite loss/grad steps in a row before the run stops
     log_every: int = 10
     seed: int = 1337
@@ -285,6 +286,7 @@ CHOICES = {
     "data.format": ("auto", "text", "json", "parquet"),
     "tokenizer.kind": ("auto", "bpe", "wordpiece"),
     "parallel.zero_stage": (0, 1, 2, 3),
+    "trainer.device": ("auto", "cuda", "cpu"),
     "precision.dtype": ("fp32", "bf16", "fp16"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
 }
@@ -297,6 +299,12 @@ NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",
                 "trainer.save_every_min",
                 "trainer.sample_tokens", "trainer.keep_last", "data.shuffle_buffer", "data.num_workers", "optim.warmup_steps", "optim.weight_decay",
                 "optim.grad_clip", "model.dropout", "model.type_vocab_size"]
+
+
+def pad_vocab(tokenizer_vocab: int) -> int:
+    """model.vocab_size when left to the tokenizer: rounded up to a multiple of 64, so the
+    LM head's GEMM is aligned (50257 -> 50304); an explicit model.vocab_size stays exact."""
+    return -(-tokenizer_vocab // 64) * 64
 
 
 def resolve_grad_accum(t: TrainerConfig, world_size: int) -> int:

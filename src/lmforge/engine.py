@@ -31,11 +31,36 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def zero_tuning(stage: int, d_model: int) -> dict[str, Any]:
+    """ZeRO settings for GPUs, scaled to the model instead of DeepSpeed's defaults (buckets of
+    5e8 elements, larger than small models; no overlap)."""
+    d2 = d_model * d_model
+    out: dict[str, Any] = {
+        # Reduce while backward still runs; one flat gradient buffer, no fragmentation.
+        "overlap_comm": True, "contiguous_gradients": True,
+        # ~one layer's weights per bucket (the sizes Hugging Face's "auto" values use):
+        # big enough to saturate the link, small enough to start early and overlap.
+        "reduce_bucket_size": d2, "allgather_bucket_size": max(d2, int(5e7)),
+        "reduce_scatter": True,
+    }
+    if stage == 3:
+        out.update({
+            "stage3_prefetch_bucket_size": int(0.9 * d2),  # the next layer, gathered ahead
+            # Norms and biases (~d elements) stay whole on every rank: gathering them costs
+            # more latency than their memory is worth.
+            "stage3_param_persistence_threshold": 10 * d_model})
+    return out
+
+
 def ds_config(parallel: ParallelConfig, precision: PrecisionConfig, optim: OptimConfig,
               micro_batch_size: int, grad_accum_steps: int, world_size: int,
-              on_gpu: bool = False) -> dict[str, Any]:
-    """The DeepSpeed config these settings describe; `parallel.ds_extra` is merged last."""
+              on_gpu: bool = False, d_model: int = 0) -> dict[str, Any]:
+    """The DeepSpeed config these settings describe; `parallel.ds_extra` is merged last.
+    On GPUs the ZeRO settings are tuned to the model (zero_tuning); on CPU (gloo, tests)
+    DeepSpeed's defaults are kept: overlap needs device streams."""
     zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if on_gpu and parallel.zero_stage > 0 and d_model:
+        zero.update(zero_tuning(parallel.zero_stage, d_model))
     if parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if parallel.offload_params:
@@ -56,7 +81,14 @@ def ds_config(parallel: ParallelConfig, precision: PrecisionConfig, optim: Optim
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # Its throughput timer synchronizes the device twice per micro-step: the host could
+        # never run ahead of the GPU. lmforge measures throughput itself, at log steps.
+        "timers": {"throughput": {"enabled": False}},
     }
+    if on_gpu and precision.dtype != "fp32":
+        # Gradients are reduced in fp32: bf16 sums over many ranks lose low bits of the
+        # update (Megatron-LM and torchtitan reduce in fp32 too); twice the bytes on the wire.
+        cfg["communication_data_type"] = "fp32"
     cfg = _merge(cfg, dict(parallel.ds_extra))
     # The engine is driven by the typed keys; raw keys must not contradict them.
     for key, want, got_ in [

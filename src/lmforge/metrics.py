@@ -14,7 +14,9 @@ import torch
 from lmforge.config import ModelConfig
 
 # Dense (no sparsity) peak TFLOP/s per device by dtype, from the vendors' data sheets.
+# First match wins: the more specific names (NVL, PCIe) come before their family.
 PEAK_TFLOPS = {
+    "H200 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "H100 SXM": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
@@ -106,7 +108,7 @@ def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> floa
         for key, table in PEAK_TFLOPS.items():
             if all(part in name for part in key.split()):
                 return table[dtype]
-        return 0.0  # unknown GPU: MFU is reported as 0 rather than guessed
+        return 0.0  # unknown GPU: MFU is reported as unknown (null) rather than guessed
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return measure_cpu_peak_tflops(torch_dtype)
 
@@ -152,7 +154,7 @@ class Throughput:
         out = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world,
                "samples_per_s": self.samples / elapsed,
                "step_time_s": elapsed / max(self.steps, 1), "tflops": tflops,
-               "mfu": tflops / self.peak if self.peak > 0 else 0.0,
+               "mfu": tflops / self.peak if self.peak > 0 else None,  # None: unknown peak
                "data_wait_frac": self.data_wait_s / elapsed}
         if self.hw_fpt and self.peak > 0:  # hardware FLOPs utilisation, recompute included
             out["hfu"] = tps / self.world * self.hw_fpt / 1e12 / self.peak

@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> None:
     try:
         schema = to_schema(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        info = distributed.setup(schema.trainer.dist_timeout_s)
+        info = distributed.setup(schema.trainer.dist_timeout_s, schema.trainer.device)
         setup_logging(info.rank, run_dir)
         trainer = build(schema, run_dir, info)  # None: a dry run
         if trainer is not None and trainer.fit().get("stopped"):
