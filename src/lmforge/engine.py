@@ -256,8 +256,10 @@ class Engine:
             self.engine.step()
             total += loss.detach().float()
         if grad_norm is None:
-            # FP16_UnfusedOptimizer reports the norm of the still-scaled gradients.
-            grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0).float() / scale
+            # FP16_UnfusedOptimizer reports the norm of the still-scaled gradients. No `or`
+            # on the norm: truth-testing a device tensor would wait for the GPU.
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = torch.as_tensor(0.0 if norm is None else norm).float() / scale
         return total / len(micro_batches), grad_norm, self.engine.skipped_steps == skipped_before
 
     def _plain_fp32_norm_and_guard(self) -> torch.Tensor:
