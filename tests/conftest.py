@@ -45,33 +45,35 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def text_corpus(tmp_path: Path) -> Path:
-    """A small local JSONL corpus of distinct, learnable documents."""
-    import random
-
-    rng = random.Random(0)
-    words = "the a model token learns data stream shard rank loss step batch".split()
-    path = tmp_path / "corpus.jsonl"
-    with open(path, "w") as f:
-        for i in range(400):
-            body = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
-            f.write(json.dumps({"text": f"doc {i}: {body}.", "id": i}) + "\n")
-    return path
-
-
 WORDS = "alpha beta gamma delta shard rank batch step loss token grad zero".split()
 
 
-def random_corpus(path: Path, n_docs: int, seed: int, lengths: tuple[int, int] = (10, 200),
-                  words: list[str] = WORDS, prefix: str = "") -> Path:
-    """A JSONL file of n_docs documents of random words (prefix formatted with the index)."""
+def random_texts(n_docs: int, seed: int, lengths: tuple[int, int] = (10, 200),
+                 words: list[str] = WORDS, prefix: str = "") -> list[str]:
+    """n_docs documents of random words, reproducibly (prefix formatted with the index)."""
     import random
 
     rng = random.Random(seed)
-    path.write_text("".join(json.dumps({"text": prefix.format(i) + " ".join(
-        rng.choice(words) for _ in range(rng.randint(*lengths)))}) + "\n" for i in range(n_docs)))
+    return [prefix.format(i) + " ".join(rng.choice(words) for _ in range(rng.randint(*lengths)))
+            for i in range(n_docs)]
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    """A JSON Lines corpus: one {"text": ...} object per document."""
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     return path
+
+
+def random_corpus(path: Path, n_docs: int, seed: int, **kw) -> Path:
+    """A JSONL file of `random_texts(n_docs, seed, **kw)`."""
+    return write_jsonl(path, random_texts(n_docs, seed, **kw))
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """A small local JSONL corpus of distinct documents (each starts with its index)."""
+    return random_corpus(tmp_path / "corpus.jsonl", 400, seed=0, lengths=(20, 120),
+                         prefix="doc {}: ")
 
 
 def prepare_shards(corpus: Path, out: Path, *overrides: str) -> Path:
