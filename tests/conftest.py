@@ -22,6 +22,7 @@ TINY = ["logging=quiet", "data.seq_len=64", "trainer.micro_batch_size=4",
         "trainer.eval_batches=2", "trainer.sample_tokens=8", "optim.warmup_steps=5"]
 
 
+from distributed_helper import run_distributed  # noqa: E402,F401  (for the tests)
 from lmforge.config import compose  # noqa: E402  (the typed config lmforge-train builds)
 
 
@@ -39,6 +40,50 @@ def run_train(run_dir: Path, *overrides: str, check: bool = True, timeout: float
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def train_in_process(run_dir: Path, *overrides: str) -> list[str]:
+    """What `lmforge-train` does on this rank once started (compose, set up, build, fit),
+    in this process: for `run_distributed` worlds, without a CLI start-up per run. Returns
+    the lmforge log messages this rank prints (INFO on rank 0, warnings on the others)."""
+    import logging
+
+    from lmforge import distributed
+    from lmforge.engine import check_precision
+    from lmforge.trainer import build
+
+    cfg = compose(list(overrides))
+    info = distributed.setup()
+    check_precision(cfg.precision.dtype, info.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO if info.is_main else logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("lmforge")
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        trainer = build(cfg, run_dir, info)
+        if trainer is not None:
+            trainer.fit()
+    finally:
+        log.removeHandler(handler)
+    return lines
+
+
+def train_runs(rank: int, world_size: int, runs: list[tuple[Path, list[str]]]) -> list[list[str]]:
+    """`run_distributed` target: train each (run dir, overrides) in turn, in one world;
+    each run's log lines on this rank."""
+    logs = []
+    for run_dir, overrides in runs:
+        try:
+            logs.append(train_in_process(run_dir, *overrides))
+        except Exception as e:
+            e.add_note(f"in the run {run_dir} ({' '.join(overrides)}) on rank {rank} of {world_size}")
+            raise
+    return logs
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
