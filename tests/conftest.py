@@ -81,7 +81,7 @@ def train_runs(rank: int, world_size: int, runs: list[tuple[Path, list[str]]]) -
         try:
             logs.append(train_in_process(run_dir, *overrides))
         except Exception as e:
-            e.add_note(f"in the run {run_dir} ({' '.join(overrides)}) on rank {rank} of {world_size}")
+            e.add_note(f"training {run_dir} ({' '.join(overrides)}), rank {rank} of {world_size}")
             raise
     return logs
 
