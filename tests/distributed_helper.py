@@ -41,16 +41,16 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                              nprocs=world_size, join=False, start_method="spawn")
     procs, deadline = ctx.processes, time.monotonic() + timeout_s
     try:
-        while _running(procs) and not any(p.exitcode for p in procs):
+        while (running := _running(procs)) and not any(p.exitcode for p in procs):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"run_distributed({fn.__name__}, {world_size}) still running "
                                    f"after {timeout_s:.0f}s; stopped ranks {ctx.pids()}")
-            wait([p.sentinel for p in _running(procs)], timeout=deadline - time.monotonic())
+            wait([p.sentinel for p in running], timeout=deadline - time.monotonic())
         # After a failure the others usually fail a moment later (their peer is gone): let
         # them report, so that the first error can be told from its consequences.
         grace = time.monotonic() + 5
-        while _running(procs) and time.monotonic() < grace:
-            wait([p.sentinel for p in _running(procs)], timeout=grace - time.monotonic())
+        while (running := _running(procs)) and time.monotonic() < grace:
+            wait([p.sentinel for p in running], timeout=grace - time.monotonic())
         stopped = _stop(procs)
         failed = [r for r, p in enumerate(procs) if p.exitcode and r not in stopped]
         if failed:
@@ -103,6 +103,7 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, env: dict[str, st
 
 
 def _running(procs: list) -> list:
+    """The ranks still running. Taken once per wait: wait([]) would sleep its whole timeout."""
     return [p for p in procs if p.exitcode is None]
 
 
