@@ -1,4 +1,5 @@
-"""Shared fixtures: composed configs, local corpora, and a runner for `lmforge-train`."""
+"""Shared fixtures: composed configs, local corpora, a runner for `lmforge-train`, and multi-rank
+worlds (`run_distributed`) that train as it does without a CLI start-up per run."""
 from __future__ import annotations
 
 import json
