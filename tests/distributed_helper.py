@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lmforge.distributed import free_port
+from lmforge.distributed import free_port, teardown
 
 # What a launcher would give each rank on this CPU-only machine. One intra-op thread: two
 # ranks share 2 cores, and two threads each are many times slower under load.
@@ -97,7 +97,7 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, env: dict[str, st
     # written and it exits, so its peers' errors (peer gone) come after its own.
     result = fn(rank, world_size, *args)
     dist.barrier()  # no rank leaves (and tears the group down) while another still works
-    dist.destroy_process_group()
+    teardown()  # as lmforge-train ends: whatever lmforge started beside the group, then it
     with open(Path(out) / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(result, f)
 
