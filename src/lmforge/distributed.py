@@ -37,7 +37,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +60,7 @@ def launcher_env(env: dict[str, str] | None = None) -> dict[str, str]:
                            "slurm/train.sbatch shows how")
     out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
     out["MASTER_PORT"] = env.get("MASTER_PORT") or (
-        str(_free_port()) if out["WORLD_SIZE"] == "1" else "29500")
+        str(free_port()) if out["WORLD_SIZE"] == "1" else "29500")
     return out
 
 
