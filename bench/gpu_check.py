@@ -154,7 +154,7 @@ def main() -> None:
           f"(exit {pre['rerun_exit']}), export exit {pre['export_exit']}: {pre['exported']}")
     ok = [r for r in runs.values() if r["code"] == 0 and r["tokens_per_s"]]
     if ok and first["tokens_per_s"]:
-        print(f"tokens/s of each run vs the first: "
+        print("tokens/s of each run vs the first: "
               + ", ".join(f"{r['tokens_per_s'] / first['tokens_per_s']:.2f}x" for r in ok))
     out = a.out or (work / "gpu_check.json" if a.quick else RESULTS)
     out.parent.mkdir(parents=True, exist_ok=True)

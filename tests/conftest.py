@@ -50,12 +50,10 @@ def train_in_process(run_dir: Path, *overrides: str) -> list[str]:
     import logging
 
     from lmforge import distributed
-    from lmforge.engine import check_precision
-    from lmforge.trainer import build
+    from lmforge.assembly import build, release_run_dir
 
     cfg = compose(list(overrides))
-    info = distributed.setup()
-    check_precision(cfg.precision.dtype, info.device)
+    info = distributed.setup(cfg.trainer.dist_timeout_s, cfg.trainer.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     handler = logging.Handler(logging.INFO if info.is_main else logging.WARNING)
@@ -69,6 +67,8 @@ def train_in_process(run_dir: Path, *overrides: str) -> list[str]:
         trainer = build(cfg, run_dir, info)
         if trainer is not None:
             trainer.fit()
+        distributed.barrier()
+        release_run_dir(run_dir)
     finally:
         log.removeHandler(handler)
     return lines
