@@ -2,11 +2,12 @@
 before anything is allocated. No torch import here."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +15,21 @@ from omegaconf import DictConfig, OmegaConf
 
 class ConfigError(ValueError):
     """A config value is wrong; the message is one line naming the key and the fix."""
+
+
+class OutputError(ConfigError):
+    """A file could not be written (full disk, file-size limit, no permission)."""
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """An OSError raised inside becomes an OutputError: one line that names `path`
+    (a failed write() does not name its file)."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}; free space (or raise the "
+                          "file-size limit) or write somewhere else") from None
 
 
 @dataclass
