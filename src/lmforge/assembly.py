@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from lmforge.config import ConfigError, TrainConfig, pad_vocab, resolve_grad_acc
 from lmforge.data.loader import BlockLoader
 from lmforge.data.shards import ShardLoader, ShardSet, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
-from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids, train_tokenizer
+from lmforge.data.tokenizer import (kind_for, load_tokenizer, save_tokenizer, special_ids,
+                                    train_tokenizer)
 from lmforge.data.workers import WorkerLoader
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, check_precision, create_model, ds_config
@@ -83,9 +85,11 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path, info: DistInfo, corpus: Cor
             shutil.copyfile(source, out)
         elif not out.is_file():
             t = time.perf_counter()
-            texts = (d for _, d in iter_documents(corpus.stream, "train", cfg.data.val_percent))
-            train_tokenizer(texts, kind, cfg.tokenizer.vocab_size,
-                            cfg.tokenizer.train_max_chars).save(str(out))
+            skipped: Counter = Counter()
+            texts = (d for _, d in iter_documents(corpus.stream, "train", cfg.data.val_percent,
+                                                  skipped=skipped))
+            save_tokenizer(train_tokenizer(texts, kind, cfg.tokenizer.vocab_size,
+                                           cfg.tokenizer.train_max_chars, skipped), out)
             log.info("trained a %s tokenizer (vocab %d) in %.1fs", kind,
                      cfg.tokenizer.vocab_size, time.perf_counter() - t)
 

@@ -18,14 +18,17 @@ from pathlib import Path
 from lmforge.config import ConfigError, TrainConfig, compose, one_line
 
 def _train_tokenizer(cfg: TrainConfig, out: Path) -> None:
+    from collections import Counter
+
     from lmforge.data.sources import iter_documents, load_stream
-    from lmforge.data.tokenizer import kind_for, train_tokenizer
+    from lmforge.data.tokenizer import kind_for, save_tokenizer, train_tokenizer
 
     stream, _ = load_stream(cfg.data, cfg.trainer.seed)
-    texts = (d for _, d in iter_documents(stream, "train", cfg.data.val_percent))
+    skipped: Counter = Counter()
+    texts = (d for _, d in iter_documents(stream, "train", cfg.data.val_percent, skipped=skipped))
     tok = train_tokenizer(texts, kind_for(cfg.model.arch, cfg.tokenizer.kind),
-                          cfg.tokenizer.vocab_size, cfg.tokenizer.train_max_chars)
-    tok.save(str(out))
+                          cfg.tokenizer.vocab_size, cfg.tokenizer.train_max_chars, skipped)
+    save_tokenizer(tok, out)
 
 
 def _documents(cfg: TrainConfig):
