@@ -310,11 +310,17 @@ CHOICES = {
 POSITIVE = ["model.n_layers", "model.n_heads", "model.d_model", "model.max_seq_len",
             "data.seq_len", "tokenizer.vocab_size", "trainer.micro_batch_size",
             "trainer.grad_accum_steps", "trainer.log_every", "trainer.max_bad_steps", "trainer.eval_batches",
-            "trainer.dist_timeout_s", "optim.lr"]
+            "trainer.dist_timeout_s", "optim.lr", "tokenizer.train_max_chars", "model.norm_eps"]
 NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",
                 "trainer.save_every_min",
                 "trainer.sample_tokens", "trainer.keep_last", "data.shuffle_buffer", "data.num_workers", "optim.warmup_steps", "optim.weight_decay",
-                "optim.grad_clip", "model.dropout", "model.type_vocab_size"]
+                "optim.grad_clip", "optim.eps", "model.type_vocab_size",
+                "model.init_std"]
+# Optional keys: None means "derive it"; a value must be > 0.
+POSITIVE_IF_SET = ["model.d_ff", "model.n_kv_heads", "model.vocab_size",
+                   "trainer.global_batch_size"]
+# [low, high): values outside make torch raise mid-set-up, or silently train nothing.
+HALF_OPEN = {"optim.beta1": (0.0, 1.0), "optim.beta2": (0.0, 1.0), "model.dropout": (0.0, 1.0)}
 
 
 def pad_vocab(tokenizer_vocab: int) -> int:
@@ -402,6 +408,12 @@ def validate(cfg: Any) -> None:
         _check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be > 0")
     for key in NON_NEGATIVE:
         _check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
+    for key in POSITIVE_IF_SET:
+        _check(_get(cfg, key) is None or _get(cfg, key) > 0,
+               f"{key}={_get(cfg, key)} must be > 0 (or null: derived)")
+    for key, (low, high) in HALF_OPEN.items():
+        _check(low <= _get(cfg, key) < high,
+               f"{key}={_get(cfg, key)} must be in [{low:g}, {high:g})")
     m, d = cfg.model, cfg.data
     _check(m.d_model % m.n_heads == 0,
            f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
@@ -409,6 +421,7 @@ def validate(cfg: Any) -> None:
     _check(m.n_heads % kv == 0,
            f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}")
     if m.pos_emb == "rope":
+        _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0")
         _check((m.d_model // m.n_heads) % 2 == 0, "model.pos_emb=rope needs an even head dim "
                f"(d_model/n_heads = {m.d_model // m.n_heads})")
     _check(d.seq_len <= m.max_seq_len,
@@ -457,7 +470,5 @@ def validate(cfg: Any) -> None:
            "parallel.offload_params needs parallel.zero_stage=3")
     _check(not p.offload_optimizer or p.zero_stage >= 1,
            "parallel.offload_optimizer needs parallel.zero_stage >= 1")
-    if m.vocab_size is not None:
-        _check(m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be > 0")
     for problem in _unused(cfg)[:1]:
         raise ConfigError(problem)
