@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge import distributed
-from lmforge.config import ConfigError, TrainConfig, pad_vocab, resolve_grad_accum
+from lmforge.config import ConfigError, TrainConfig, pad_vocab, resolve_grad_accum, writing
 from lmforge.data.loader import BlockLoader
 from lmforge.data.shards import ShardLoader, ShardSet, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
@@ -168,7 +168,8 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
                              info.device)
     summary = summarize(cfg, model, info, vocab, corpus)
     if info.is_main:
-        (run_dir / "ds_config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        with writing(run_dir / "ds_config.json"):
+            (run_dir / "ds_config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
         if dry:
             write_summary(run_dir, summary)
             write_config(run_dir, cfg)
