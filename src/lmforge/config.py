@@ -256,12 +256,30 @@ def check_cli(argv: list[str]) -> None:
     if (args.help or args.hydra_help or args.shell_completion or args.info is not None
             or args.config_path is not None):
         return
+    check_dir_names(args.overrides)
     jobs = [args.overrides]
     if args.multirun:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
         jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     for job in jobs:
         compose(job, args.config_dir, args.config_name or "train")
+
+
+NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
+
+
+def check_dir_names(overrides: list[str]) -> None:
+    """A run directory given with a name too long for the file system is one line here,
+    not Hydra's traceback from mkdir (default names are kept short by run_name)."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") not in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
+            continue
+        for part in Path(value).parts:
+            if len(part.encode()) > NAME_MAX:
+                raise ConfigError(f"{key.lstrip('+~')}: the name {part[:20]!r}... is "
+                                  f"{len(part.encode())} bytes, more than a file name may have "
+                                  f"({NAME_MAX}); shorten it")
 
 
 def one_line(e: BaseException) -> str:
