@@ -282,6 +282,12 @@ def check_dir_names(overrides: list[str]) -> None:
                                   f"({NAME_MAX}); shorten it")
 
 
+def error_kind(e: BaseException) -> str:
+    """How a one-line message is labelled: an output that cannot be written (a full disk:
+    an OSError with an errno) is no config error; Hydra's missing-config IOError is one."""
+    return "error" if isinstance(e, OutputError) or getattr(e, "errno", None) else "config error"
+
+
 def one_line(e: BaseException) -> str:
     """An error and its causes in one line; an unknown key also lists the known ones."""
     parts, hint = [], ""
