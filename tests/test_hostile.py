@@ -353,6 +353,20 @@ def _(ctx: Ctx) -> Seen:  # every line skipped: was a tokenizer of the bare alph
                    f"data.paths=[{path}]", "tokenizer.vocab_size=300")
 
 
+@case("data-every-document-skipped-with-a-given-tokenizer",
+      refused=("no usable training document", "no_text_field", "data.text_field"))
+def _(ctx: Ctx) -> Seen:  # no tokenizer to train: the loader is the first to find nothing
+    from tokenizers import Tokenizer, models
+
+    from lmforge.data.loader import BlockLoader
+    from lmforge.data.sources import load_stream
+
+    path = jsonl(ctx.tmp / "c.jsonl", [{"body": t} for t in GOOD])
+    cfg = DataConfig(source="files", paths=[str(path)], seq_len=8)
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="a"))
+    return in_process(lambda: next(BlockLoader(load_stream(cfg)[0], tok, "gpt", cfg, 2)))
+
+
 # -------------------------------------------------------------------------- hub sources
 
 def hub(ctx: Ctx, **kw: str) -> Seen:
