@@ -187,13 +187,14 @@ def fake_run(root: Path) -> Path:
     from lmforge.config import ModelConfig
     from lmforge.models import build_model
 
-    gpt = {"arch": "gpt", "n_layers": 1, "n_heads": 2, "d_model": 8, "max_seq_len": 16}
+    gpt = {"arch": "gpt", "n_layers": 1, "n_heads": 2, "d_model": 8, "max_seq_len": 16,
+           "vocab_size": 3}
     ckpt = root / "checkpoints" / "step_00000001"
     ckpt.mkdir(parents=True)
     (root / "config.yaml").write_text(yaml.safe_dump({"model": gpt, "trainer": {"seed": 1}}))
     Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2}, unk_token="a")).save(
         str(root / "tokenizer.json"))
-    torch.save({"module": build_model(ModelConfig(**gpt, vocab_size=3)).state_dict()},
+    torch.save({"module": build_model(ModelConfig(**gpt)).state_dict()},
                ckpt / "mp_rank_00_model_states.pt")
     (root / "checkpoints" / "latest").write_text("step_00000001\n")
     return root
@@ -466,9 +467,9 @@ def _(ctx: Ctx) -> Seen:
 # ----------------------------------------------------------------------------- checkpoints
 
 def resume_from(ckpt: Path) -> Seen:
-    from lmforge.checkpoint import choose_resume
+    from lmforge.checkpoint import pick_checkpoint  # rank 0's resume decision
 
-    return in_process(lambda: choose_resume(ckpt.parent, str(ckpt), 0, 1, False, 0, {}))
+    return in_process(lambda: pick_checkpoint(ckpt.parent, str(ckpt), False))
 
 
 def _skipped_at_auto_resume(seen: Seen, ctx: Ctx) -> None:
@@ -478,7 +479,7 @@ def _skipped_at_auto_resume(seen: Seen, ctx: Ctx) -> None:
 
 
 case("checkpoint-manifest-without-file-list", check=_skipped_at_auto_resume,
-     refused=("trainer.resume_from=", "step_00000001", "has no file list"))(
+     refused=("trainer.resume_from=", "step_00000001", "file list"))(
     lambda ctx: resume_from(fake_ckpt(ctx.tmp / "checkpoints", {"step": 1})))
 case("checkpoint-manifest-entry-outside", check=_skipped_at_auto_resume,
      refused=("trainer.resume_from=", "bad entry", "../../etc/passwd"))(

@@ -283,9 +283,9 @@ def check_dir_names(overrides: list[str]) -> None:
 
 
 def error_kind(e: BaseException) -> str:
-    """How a one-line message is labelled: an output that cannot be written (a full disk:
-    an OSError with an errno) is no config error; Hydra's missing-config IOError is one."""
-    return "error" if isinstance(e, OutputError) or getattr(e, "errno", None) else "config error"
+    """How a one-line message is labelled: an output that cannot be written (a full disk)
+    is no config error."""
+    return "error" if isinstance(e, OutputError) else "config error"
 
 
 def one_line(e: BaseException) -> str:
