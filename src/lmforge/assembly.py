@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,12 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge import distributed
-from lmforge.config import ConfigError, TrainConfig, pad_vocab, resolve_grad_accum
+from lmforge.config import ConfigError, TrainConfig, pad_vocab, resolve_grad_accum, writing
 from lmforge.data.loader import BlockLoader
 from lmforge.data.shards import ShardLoader, ShardSet, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
-from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids, train_tokenizer
+from lmforge.data.tokenizer import (kind_for, load_tokenizer, save_tokenizer, special_ids,
+                                    train_tokenizer)
 from lmforge.data.workers import WorkerLoader
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, check_precision, create_model, ds_config
@@ -83,9 +85,11 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path, info: DistInfo, corpus: Cor
             shutil.copyfile(source, out)
         elif not out.is_file():
             t = time.perf_counter()
-            texts = (d for _, d in iter_documents(corpus.stream, "train", cfg.data.val_percent))
-            train_tokenizer(texts, kind, cfg.tokenizer.vocab_size,
-                            cfg.tokenizer.train_max_chars).save(str(out))
+            skipped: Counter = Counter()
+            texts = (d for _, d in iter_documents(corpus.stream, "train", cfg.data.val_percent,
+                                                  skipped=skipped))
+            save_tokenizer(train_tokenizer(texts, kind, cfg.tokenizer.vocab_size,
+                                           cfg.tokenizer.train_max_chars, skipped), out)
             log.info("trained a %s tokenizer (vocab %d) in %.1fs", kind,
                      cfg.tokenizer.vocab_size, time.perf_counter() - t)
 
@@ -164,7 +168,8 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
                              info.device)
     summary = summarize(cfg, model, info, vocab, corpus)
     if info.is_main:
-        (run_dir / "ds_config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        with writing(run_dir / "ds_config.json"):
+            (run_dir / "ds_config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
         if dry:
             write_summary(run_dir, summary)
             write_config(run_dir, cfg)

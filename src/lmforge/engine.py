@@ -147,6 +147,30 @@ def check_precision(dtype: str, device: torch.device) -> None:
                           f"(DeepSpeed's accelerator says so); use {instead}")
 
 
+# DeepSpeed's pydantic config models -> the config section each validates.
+_DS_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
+                "DeepSpeedFP16Config": "fp16", "HybridEngineConfig": "hybrid_engine",
+                "TensorBoardConfig": "tensorboard", "WandbConfig": "wandb",
+                "CSVConfig": "csv_monitor", "CometConfig": "comet",
+                "CommsLoggerConfig": "comms_logger", "TPTrainingConfig": "tensor_parallel",
+                "DeepSpeedThroughputTimerConfig": "timers.throughput"}
+
+
+@contextlib.contextmanager
+def ds_config_errors() -> Iterator[None]:
+    """DeepSpeed validates its config (pydantic) only when an engine or ZeRO-3 init is
+    built: a raw key from parallel.ds_extra it rejects becomes one line naming the key."""
+    import pydantic
+
+    try:
+        yield
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join([_DS_SECTIONS.get(e.title, e.title), *map(str, err["loc"])])
+        raise ConfigError(f"parallel.ds_extra: DeepSpeed rejects {key}={err.get('input')!r} "
+                          f"({err['msg']}); fix or drop that key") from None
+
+
 def init_distributed(device: torch.device) -> None:
     import deepspeed
 
@@ -163,7 +187,7 @@ def create_model(build: Callable[[], nn.Module], config: dict[str, Any],
     import deepspeed
 
     init_distributed(device)
-    with deepspeed.zero.Init(config_dict_or_path=config):
+    with ds_config_errors(), deepspeed.zero.Init(config_dict_or_path=config):
         model = build()
     model.init_weights(gather=lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=0))
     return model
@@ -215,8 +239,9 @@ class Engine:
                                 betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, max_steps))
         init_distributed(device)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, config=self.config)
+        with ds_config_errors():
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=opt, lr_scheduler=sched, config=self.config)
         self.stage = parallel.zero_stage
         # Workaround (deepspeedai/DeepSpeed#8393): DeepSpeed 0.19 scales the loss in
         # engine.backward() only for its ZeRO optimizers, yet its stage-0 fp16 optimizer

@@ -3,6 +3,7 @@ throughput meter that turns step timings into the logged numbers."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
@@ -12,6 +13,8 @@ from pathlib import Path
 import torch
 
 from lmforge.config import ModelConfig
+
+log = logging.getLogger("lmforge")
 
 # Dense (no sparsity) peak TFLOP/s per device by dtype, from the vendors' data sheets.
 # First match wins: the more specific names (NVL, PCIe) come before their family.
@@ -84,19 +87,39 @@ def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8) ->
     key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|" \
           f"{torch.get_num_threads()}|{torch.__version__}|{dtype}"
     path = _cache_path()
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in cache:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    cache = _read_cache(path)
+    value = cache.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6:
+        return float(value)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
         a @ b
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
-        cache[key] = 2 * n**3 / best / 1e12
+        best = min(best, time.perf_counter() - t)
+    cache[key] = 2 * n**3 / max(best, 1e-9) / 1e12
+    try:  # atomic, so a rank reading it never sees half; a read-only cache only costs time
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cache, indent=1))
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("cannot cache the CPU peak in %s: %s", path, e)
     return cache[key]
+
+
+def _read_cache(path: Path) -> dict:
+    """The peak cache; a damaged one (not JSON, not an object) is ignored and rewritten."""
+    try:
+        cache = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring the damaged CPU peak cache %s (%s); measuring again", path,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> float:
