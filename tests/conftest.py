@@ -1,4 +1,5 @@
-"""Shared fixtures: composed configs, local corpora, and a runner for `lmforge-train`."""
+"""Shared fixtures: composed configs, local corpora, a runner for `lmforge-train`, and multi-rank
+worlds (`run_distributed`) that train as it does without a CLI start-up per run."""
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ TINY = ["logging=quiet", "data.seq_len=64", "trainer.micro_batch_size=4",
         "trainer.eval_batches=2", "trainer.sample_tokens=8", "optim.warmup_steps=5"]
 
 
+from distributed_helper import run_distributed  # noqa: E402,F401  (for the tests)
 from lmforge.config import compose  # noqa: E402  (the typed config lmforge-train builds)
 
 
@@ -41,37 +43,83 @@ def run_train(run_dir: Path, *overrides: str, check: bool = True, timeout: float
     return proc
 
 
+def train_in_process(run_dir: Path, *overrides: str) -> list[str]:
+    """What `lmforge-train` does on this rank once started (compose, set up, build, fit),
+    in this process: for `run_distributed` worlds, without a CLI start-up per run. Returns
+    the lmforge log messages this rank prints (INFO on rank 0, warnings on the others)."""
+    import logging
+
+    from lmforge import distributed
+    from lmforge.assembly import build, release_run_dir
+
+    cfg = compose(list(overrides))
+    info = distributed.setup(cfg.trainer.dist_timeout_s, cfg.trainer.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO if info.is_main else logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("lmforge")
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        trainer = build(cfg, run_dir, info)
+        if trainer is not None:
+            trainer.fit()
+        distributed.barrier()
+        release_run_dir(run_dir)
+    finally:
+        log.removeHandler(handler)
+    return lines
+
+
+def train_runs(rank: int, world_size: int, runs: list[tuple[Path, list[str]]]) -> list[list[str]]:
+    """`run_distributed` target: train each (run dir, overrides) in turn, in one world;
+    each run's log lines on this rank."""
+    logs = []
+    for run_dir, overrides in runs:
+        try:
+            logs.append(train_in_process(run_dir, *overrides))
+        except Exception as e:
+            e.add_note(f"training {run_dir} ({' '.join(overrides)}), rank {rank} of {world_size}")
+            raise
+    return logs
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def text_corpus(tmp_path: Path) -> Path:
-    """A small local JSONL corpus of distinct, learnable documents."""
-    import random
-
-    rng = random.Random(0)
-    words = "the a model token learns data stream shard rank loss step batch".split()
-    path = tmp_path / "corpus.jsonl"
-    with open(path, "w") as f:
-        for i in range(400):
-            body = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
-            f.write(json.dumps({"text": f"doc {i}: {body}.", "id": i}) + "\n")
-    return path
 
 
 WORDS = "alpha beta gamma delta shard rank batch step loss token grad zero".split()
 
 
-def random_corpus(path: Path, n_docs: int, seed: int, lengths: tuple[int, int] = (10, 200),
-                  words: list[str] = WORDS, prefix: str = "") -> Path:
-    """A JSONL file of n_docs documents of random words (prefix formatted with the index)."""
+def random_texts(n_docs: int, seed: int, lengths: tuple[int, int] = (10, 200),
+                 words: list[str] = WORDS, prefix: str = "") -> list[str]:
+    """n_docs documents of random words, reproducibly (prefix formatted with the index)."""
     import random
 
     rng = random.Random(seed)
-    path.write_text("".join(json.dumps({"text": prefix.format(i) + " ".join(
-        rng.choice(words) for _ in range(rng.randint(*lengths)))}) + "\n" for i in range(n_docs)))
+    return [prefix.format(i) + " ".join(rng.choice(words) for _ in range(rng.randint(*lengths)))
+            for i in range(n_docs)]
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    """A JSON Lines corpus: one {"text": ...} object per document."""
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     return path
+
+
+def random_corpus(path: Path, n_docs: int, seed: int, **kw) -> Path:
+    """A JSONL file of `random_texts(n_docs, seed, **kw)`."""
+    return write_jsonl(path, random_texts(n_docs, seed, **kw))
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """A small local JSONL corpus of distinct documents (each starts with its index)."""
+    return random_corpus(tmp_path / "corpus.jsonl", 400, seed=0, lengths=(20, 120),
+                         prefix="doc {}: ")
 
 
 def prepare_shards(corpus: Path, out: Path, *overrides: str) -> Path:

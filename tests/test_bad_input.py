@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, read_metrics, run_train
+from conftest import REPO, TINY, read_metrics, run_train, write_jsonl
 from lmforge.config import ConfigError, DataConfig
 from lmforge.data.sources import iter_documents, load_stream
 
@@ -78,11 +78,8 @@ def test_only_empty_files_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_50_mb_line_streams_in_bounded_memory(tmp_path: Path) -> None:
-    big = tmp_path / "big.jsonl"
-    with open(big, "w") as f:
-        f.write(json.dumps({"text": "alpha beta gamma delta " * 2_200_000}) + "\n")  # ~50 MB
-        for text in GOOD:
-            f.write(json.dumps({"text": text}) + "\n")
+    # One ~50 MB line, then the good documents.
+    big = write_jsonl(tmp_path / "big.jsonl", ["alpha beta gamma delta " * 2_200_000, *GOOD])
     assert big.stat().st_size > 50e6
     script = f"""
 import resource, sys

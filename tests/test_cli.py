@@ -106,3 +106,14 @@ def test_the_package_finds_its_configs() -> None:
     from lmforge.config import conf_dir
 
     assert (conf_dir() / "train.yaml").is_file() and conf_dir() == REPO / "conf"
+
+
+def test_cuda_requested_without_cuda_is_one_line(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = lmforge_train("trainer.device=cuda", f"hydra.run.dir={tmp_path / 'r'}", *FAST,
+                         cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "trainer.device=cuda but CUDA is not usable" in proc.stderr

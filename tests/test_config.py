@@ -1,14 +1,16 @@
 """Config tree: every shipped file composes and validates; bad input is one clear line."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import CONF, REPO, compose
-from lmforge.config import ConfigError, known_keys, validate
+from lmforge.config import ConfigError, known_keys
 
 GROUPS = ["model", "data", "tokenizer", "optim", "parallel", "precision", "logging"]
 
@@ -22,13 +24,35 @@ def test_every_group_option_composes(group: str, name: str) -> None:
     extra += ["data.sources=[{shards_dir: a, weight: 2}, {shards_dir: b}]"] \
         if (group, name) == ("data", "mixture") else []
     cfg = compose([f"{group}={name}", *extra])
-    assert getattr(cfg, group) is not None
+    # Every key the file sets reaches the typed config (those given above aside).
+    written = flat(OmegaConf.to_container(OmegaConf.load(CONF / group / f"{name}.yaml")), group)
+    assert written, f"{group}/{name}.yaml sets nothing"
+    given = {e.split("=")[0] for e in extra}
+    got = flat(dataclasses.asdict(cfg))
+    assert {k: got[k] for k in written if k not in given} == \
+        {k: v for k, v in written.items() if k not in given}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes(name: str) -> None:
+    """An experiment is exactly its group choices plus its own keys: nothing of it is lost
+    (a missing `# @package _global_` would nest it under `experiment.`), nothing else moves."""
+    recipe = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml"))
+    choices = [f"{k.removeprefix('override /')}={v}" for d in recipe.pop("defaults", [])
+               for k, v in d.items()]
     cfg = compose([f"experiment={name}"])
-    validate(cfg)
+    want = {**flat(dataclasses.asdict(compose(choices))), **flat(recipe)}
+    assert flat(dataclasses.asdict(cfg)) == want
+    assert recipe  # the comparison above saw keys of the recipe itself
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{"a.b": leaf} for a nested dict (lists are leaves)."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(flat(v, key) if isinstance(v, dict) else {key: v})
+    return out
 
 
 @pytest.mark.parametrize("sources,msg", [

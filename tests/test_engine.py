@@ -76,3 +76,37 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+def test_the_generated_config_never_syncs_for_timers_and_is_tuned_on_gpus() -> None:
+    cfg = compose(["parallel=zero3", "precision=bf16", "model=gpt2_124m"])
+    t = cfg.trainer
+    cpu = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size, 1, 2)
+    gpu = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size, 1, 2,
+                    on_gpu=True, d_model=768)
+    for d in (cpu, gpu):
+        assert d["timers"]["throughput"]["enabled"] is False
+    assert "overlap_comm" not in cpu["zero_optimization"]  # gloo: DeepSpeed's defaults
+    z = gpu["zero_optimization"]
+    assert z["overlap_comm"] and z["contiguous_gradients"] and z["reduce_bucket_size"] == 768**2
+    assert z["stage3_prefetch_bucket_size"] == int(0.9 * 768**2)
+    assert z["stage3_param_persistence_threshold"] == 7680
+    assert gpu["communication_data_type"] == "fp32"
+    extra = compose(["parallel=zero2", "+parallel.ds_extra={zero_optimization: "
+                     "{reduce_bucket_size: 1000}}"])
+    d = ds_config(extra.parallel, extra.precision, extra.optim, 4, 1, 2, on_gpu=True,
+                  d_model=768)
+    assert d["zero_optimization"]["reduce_bucket_size"] == 1000  # ds_extra still wins
+    assert "stage3_prefetch_bucket_size" not in d["zero_optimization"]
+
+
+def test_ds_extra_may_not_contradict_the_typed_keys() -> None:
+    cfg = compose(["parallel=zero2", "+parallel.ds_extra={zero_optimization: {stage: 3}}"])
+    with pytest.raises(ConfigError, match="zero_optimization.stage=3, which contradicts"):
+        ds_config(cfg.parallel, cfg.precision, cfg.optim, 4, 1, 1)
+
+
+def test_vocab_left_to_the_tokenizer_is_padded_to_64() -> None:
+    from lmforge.config import pad_vocab
+
+    assert pad_vocab(50257) == 50304 and pad_vocab(8192) == 8192 and pad_vocab(1) == 64

@@ -14,7 +14,7 @@ import yaml
 from safetensors import safe_open
 from tokenizers import Tokenizer, models
 
-from conftest import REPO, TINY, run_train
+from conftest import REPO, TINY, run_distributed, train_runs
 from lmforge.config import ModelConfig
 from lmforge.consolidate import consolidate, resolve, run_model_config
 from lmforge.export import TIED_COPIES, main
@@ -28,16 +28,28 @@ def export_ok(src: Path, out: Path, capsys: pytest.CaptureFixture) -> None:
     assert code == 0, capsys.readouterr().err
 
 
+ROUND_TRIPS = [("gpt_tiny", "zero0"), ("gpt_tiny", "zero1"), ("gpt_tiny", "zero3"),
+               ("llama_tiny", "zero1"), ("llama_tiny", "zero3"), ("bert_tiny", "zero1"),
+               ("bert_tiny", "zero3")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-step run of each (model, parallel) in root/model-parallel, trained one after
+    another in one process (what is tested here is the export of their checkpoints)."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("trained")
+    run_distributed(train_runs, 1, [(root / f"{m}-{p}", [
+        *TINY, f"model={m}", f"parallel={p}", "trainer.max_steps=3"]) for m, p in ROUND_TRIPS])
+    return root
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model, parallel", [
-    ("gpt_tiny", "zero0"), ("gpt_tiny", "zero1"), ("gpt_tiny", "zero3"),
-    ("llama_tiny", "zero1"), ("llama_tiny", "zero3"), ("bert_tiny", "zero1"),
-    ("bert_tiny", "zero3")])
-def test_round_trip_through_transformers(tmp_path: Path, model: str, parallel: str,
-                                         capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("model, parallel", ROUND_TRIPS)
+def test_round_trip_through_transformers(trained: Path, tmp_path: Path, model: str,
+                                         parallel: str, capsys: pytest.CaptureFixture) -> None:
     transformers = pytest.importorskip("transformers")
-    run, out = tmp_path / "run", tmp_path / "hf"
-    run_train(run, *TINY, f"model={model}", f"parallel={parallel}", "trainer.max_steps=3")
+    run, out = trained / f"{model}-{parallel}", tmp_path / "hf"
     # Both forms of the input: a run directory and one of its checkpoints.
     src = run if parallel != "zero3" else run / "checkpoints" / "step_00000003"
     export_ok(src, out, capsys)

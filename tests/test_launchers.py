@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from functools import cache
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY, read_metrics
+from lmforge.distributed import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -24,25 +24,19 @@ BIN = Path(sys.executable).parent
 TIMEOUT = 600
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _train(run: Path) -> list[str]:
     return ["-m", "lmforge.train", f"hydra.run.dir={run}", *RUN]
 
 
 def torchrun(run: Path) -> list[list[str]]:
     return [[str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-             "--master_port", _port(), *_train(run)]]
+             "--master_port", str(free_port()), *_train(run)]]
 
 
 def torchrun_two_nodes(run: Path) -> list[list[str]]:
     """Two torchrun invocations, one per "node", static rendezvous on loopback; both nodes
     see the same run directory, as on a shared filesystem."""
-    port = _port()
+    port = str(free_port())
     return [[str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1",
              "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port,
              *_train(run)] for node in (0, 1)]
@@ -53,13 +47,13 @@ def deepspeed(run: Path) -> list[list[str]]:
     # numactl is missing); --num_gpus 2 asks for 2 local processes regardless. The
     # --local_rank=N it appends is dropped by lmforge-train.
     return [[str(BIN / "deepspeed"), "--num_gpus", "2",
-             "--master_port", _port(), "--module", *_train(run)[1:]]]
+             "--master_port", str(free_port()), "--module", *_train(run)[1:]]]
 
 
 def accelerate(run: Path) -> list[list[str]]:
     return [[str(BIN / "accelerate"), "launch", "--config_file",
-             str(REPO / "launch/accelerate/cpu_2proc.yaml"), "--main_process_port", _port(),
-             *_train(run)]]
+             str(REPO / "launch/accelerate/cpu_2proc.yaml"),
+             "--main_process_port", str(free_port()), *_train(run)]]
 
 
 LAUNCHERS = {f.__name__: f for f in (torchrun, torchrun_two_nodes, deepspeed, accelerate)}

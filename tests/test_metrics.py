@@ -98,7 +98,9 @@ def test_recompute_is_one_more_forward_of_the_blocks(preset: str) -> None:
 @pytest.mark.parametrize("name,key", [("NVIDIA H100 80GB HBM3", "H100 SXM"),
                                       ("NVIDIA H100 PCIe", "H100 PCIe"),
                                       ("NVIDIA A100-SXM4-80GB", "A100"),
-                                      ("NVIDIA H200", "H200")])
+                                      ("NVIDIA H200", "H200"),
+                                      ("NVIDIA H200 NVL", "H200 NVL"),
+                                      ("NVIDIA H100 NVL", "H100 NVL")])
 def test_peak_table_matches_device_names(monkeypatch, name: str, key: str) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     cuda = torch.device("cuda", 0)
@@ -144,13 +146,13 @@ def test_throughput_meter_arithmetic(monkeypatch) -> None:
     assert meter.t0 == 104.0 and meter.tokens == meter.steps == 0
 
 
-def test_mfu_is_zero_without_a_peak(monkeypatch) -> None:
+def test_mfu_is_unknown_without_a_peak(monkeypatch) -> None:
     now = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
     meter = Throughput(1e9, 1, 0.0, torch.device("cpu"))
     meter.update(1000, 4, 0.0)
     now[0] = 1.0
-    assert meter.report()["mfu"] == 0.0
+    assert meter.report()["mfu"] is None
 
 
 def test_report_writes_png_from_partial_rows(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ on-the-fly sources mixed per document (seeded), and a mixture run end to end."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_train
+from conftest import REPO, random_corpus, read_metrics, run_train
 from lmforge.config import DataConfig, SourceConfig
 from lmforge.data.shards import ShardLoader, ShardSet
 from lmforge.data.sources import iter_documents, load_stream
@@ -22,20 +21,14 @@ WORDS = {"a": "apple banana cherry grape lemon mango melon peach pear plum".spli
          "b": "zinc xenon yttrium tungsten vanadium uranium thorium sodium".split()}
 
 
-def write_corpus(path: Path, words: list[str], n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    path.write_text("".join(json.dumps({"text": " ".join(
-        rng.choice(words) for _ in range(rng.randint(8, 40)))}) + "\n" for _ in range(n)))
-    return path
-
-
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards of two corpora with disjoint words, made with one tokenizer."""
     root = tmp_path_factory.mktemp("mix")
     both = root / "both.jsonl"
-    both.write_text(write_corpus(root / "a.jsonl", WORDS["a"], 400, 1).read_text()
-                    + write_corpus(root / "b.jsonl", WORDS["b"], 400, 2).read_text())
+    a = random_corpus(root / "a.jsonl", 400, seed=1, lengths=(8, 40), words=WORDS["a"])
+    b = random_corpus(root / "b.jsonl", 400, seed=2, lengths=(8, 40), words=WORDS["b"])
+    both.write_text(a.read_text() + b.read_text())
     prep = [sys.executable, "-m", "lmforge.prepare"]
     subprocess.run([*prep, "tokenizer", "--out", str(root / "tok.json"), "data=files",
                     f"data.paths=[{both}]", "tokenizer.vocab_size=300"], cwd=REPO, check=True,

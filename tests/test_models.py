@@ -295,3 +295,72 @@ def test_generate_shape_crop_and_determinism() -> None:
     assert not torch.equal(a, sample(1, temperature=0.8, top_k=20))
     assert torch.equal(sample(0, top_k=1), sample(5, temperature=0.0))  # top-1 is greedy
     assert model.training  # generate restores the mode it found
+
+
+@pytest.mark.parametrize("model", ["gpt_tiny", "bert_tiny"])
+def test_the_chunked_loss_equals_the_whole_one(model: str, monkeypatch) -> None:
+    """Logits made a few rows at a time (recomputed in backward) give the same loss and
+    gradients as all logits at once."""
+    from lmforge.models import layers
+
+    from lmforge.config import compose
+
+    cfg = dataclasses.replace(compose([f"model={model}"]).model, vocab_size=512, n_layers=2)
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    ids = torch.randint(5, 512, (4, 33))
+    if cfg.arch == "gpt":
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone()}
+        batch["labels"][0, :7] = -100
+    else:
+        labels = torch.full_like(ids, -100)
+        labels[:, ::3] = ids[:, ::3]
+        batch = {"input_ids": ids, "labels": labels}
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        net.zero_grad()
+        loss = net(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+    whole, g_whole = loss_and_grads()
+    monkeypatch.setattr(layers, "CHUNK_ELEMENTS", 7 * 512)  # 7 rows per chunk
+    chunked, g_chunked = loss_and_grads()
+    assert torch.allclose(chunked, whole, rtol=1e-5, atol=0)
+    for a, b in zip(g_chunked, g_whole):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+_PEAK = """
+import json, resource, sys, torch
+from torch import nn
+from lmforge.models import layers
+torch.manual_seed(0)
+V, B, T, D = 50304, 4, 1024, 128
+head = nn.Linear(D, V, bias=False)
+h = torch.randn(B, T, D, requires_grad=True)
+labels = torch.randint(0, V, (B, T))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loss = layers.head_cross_entropy(head, h, labels, V, chunk_elements=int(sys.argv[1]))
+loss.backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"loss": loss.item(), "mb": (peak - base) / 1024}))
+"""
+
+
+@pytest.mark.slow
+def test_the_chunked_loss_needs_far_less_peak_memory() -> None:
+    """Vocab 50304 at 4 x 1024 tokens: all fp32 logits (and their grads) at once, against
+    lmforge's default chunks; each in a fresh process, peak RSS growth over the inputs."""
+    import json
+    import subprocess
+    import sys
+
+    from lmforge.models.layers import CHUNK_ELEMENTS
+
+    got = [json.loads(subprocess.run([sys.executable, "-c", _PEAK, str(chunk)], check=True,
+                                     capture_output=True, text=True).stdout)
+           for chunk in (1 << 62, CHUNK_ELEMENTS)]
+    whole, chunked = got
+    assert whole["mb"] > 2 * chunked["mb"], got
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)

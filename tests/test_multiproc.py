@@ -1,11 +1,11 @@
 """Two ranks on gloo, started the way srun starts them (one process per rank, rank and
 world size in the environment): resume equivalence under ZeRO-2/3, and a preemption
-signal that reaches only one rank."""
+signal that reaches only one rank. The uninterrupted references train in one
+`run_distributed` world."""
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,22 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, read_metrics
+from conftest import REPO, TINY, read_metrics, run_distributed, train_runs
 from lmforge.checkpoint import latest_good, verify
+from lmforge.distributed import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 RUN = [*TINY, "trainer.log_every=1", "trainer.eval_every=0", "trainer.keep_last=0"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_ranks(run_dir: Path, n: int, *overrides: str) -> list[subprocess.Popen]:
-    port = str(_port())
+    port = str(free_port())
     procs = []
     for rank in range(n):
         env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(n),
@@ -55,11 +50,26 @@ def run_ranks(run_dir: Path, n: int, *overrides: str) -> str:
     return errs[0]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_rank_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, stage: int) -> None:
-    args = [*RUN, f"parallel=zero{stage}", "trainer.max_steps=12", "trainer.save_every=2"]
-    straight = tmp_path / "straight"
-    run_ranks(straight, 2, *args)
+STAGES = [2, 3]
+
+
+def kill_args(stage: int) -> list[str]:
+    return [*RUN, f"parallel=zero{stage}", "trainer.max_steps=12", "trainer.save_every=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Uninterrupted 2-rank runs, in root/zero{stage}."""
+    root = tmp_path_factory.mktemp("straight")
+    run_distributed(train_runs, 2, [(root / f"zero{s}", kill_args(s)) for s in STAGES])
+    return root
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_rank_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, uninterrupted: Path,
+                                                           stage: int) -> None:
+    args = kill_args(stage)
+    straight = uninterrupted / f"zero{stage}"
     killed = tmp_path / "killed"
     procs = spawn_ranks(killed, 2, *args)
     deadline = time.time() + 300

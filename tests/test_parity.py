@@ -1,6 +1,9 @@
 """Data parallelism changes nothing but speed: the same tiny GPT, shards and seed give the
 same per-step losses on 1 rank x micro batch 8, 1 rank x (2 x micro batch 4) accumulated,
-and 2 ranks x micro batch 4 under ZeRO 0-3; and the ZeRO stages really shard."""
+and 2 ranks x micro batch 4 under ZeRO 0-3; and the ZeRO stages really shard.
+
+The 1-rank runs go through `lmforge-train`; the 2-rank runs train in one `run_distributed`
+world, stage after stage (the launchers' own tests start 2-rank runs through the CLI)."""
 from __future__ import annotations
 
 import json
@@ -8,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import prepare_shards, random_corpus, read_metrics, run_train
-from test_multiproc import run_ranks
+from conftest import (prepare_shards, random_corpus, read_metrics, run_distributed, run_train,
+                      train_runs)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 STEPS = 6
+STAGES = [0, 1, 2, 3]
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +54,22 @@ def test_grad_accumulation_matches_the_bigger_micro_batch(shards: Path, referenc
     assert reference[-1] < reference[0]
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_ranks_match_one_under_every_zero_stage(shards: Path, reference: list[float],
-                                                    tmp_path: Path, stage: int) -> None:
-    run_ranks(tmp_path, 2, *common(shards), f"parallel=zero{stage}", "trainer.micro_batch_size=4")
-    assert losses(tmp_path) == pytest.approx(reference, rel=1e-5)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+@pytest.fixture(scope="module")
+def two_ranks(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-rank run per ZeRO stage (micro batch 4 each), in root/zero{stage}."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    run_distributed(train_runs, 2, [(root / f"zero{stage}", [
+        *common(shards), f"parallel=zero{stage}", "trainer.micro_batch_size=4"])
+        for stage in STAGES])
+    return root
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_match_one_under_every_zero_stage(two_ranks: Path, reference: list[float],
+                                                    stage: int) -> None:
+    run = two_ranks / f"zero{stage}"
+    assert losses(run) == pytest.approx(reference, rel=1e-5)
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     frac = summary["shard_fractions"]
     # Measured from the engine's partitions on rank 0: ZeRO-1/2 halve the optimizer state,

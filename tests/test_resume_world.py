@@ -3,21 +3,27 @@ index, so a run stopped on 1 rank and continued on 2 (and back on 1), with the s
 batch, trains on exactly the samples of an uninterrupted run and logs the same losses, under
 ZeRO-0 (whole state in one file) and ZeRO-2/3 (partitioned optimizer state, converted to a
 DeepSpeed universal checkpoint on the way; the checkpoint resumed is never modified).
-On-the-fly data has a per-rank position: resuming it on another number of ranks is refused."""
+On-the-fly data has a per-rank position: resuming it on another number of ranks is refused.
+
+The resumes train in `run_distributed` worlds of 1, 2 and 1 ranks, each going through every
+ZeRO stage in turn; the refusal, an exit code and one line, goes through `lmforge-train`."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import TINY, prepare_shards, random_corpus, read_metrics
+from conftest import (TINY, prepare_shards, random_corpus, read_metrics, run_distributed,
+                      train_runs)
 from lmforge.checkpoint import verify
 from test_multiproc import run_ranks, spawn_ranks, wait_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 GLOBAL_BATCH = 8
+STAGES = [0, 2, 3]
 
 
 @pytest.fixture(scope="module")
@@ -53,26 +59,53 @@ def adam_state(ckpt: Path) -> tuple[list, list]:
             [float(s["step"]) for s in sd["state"].values()])
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.fixture(scope="module")
+def regrid(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, SimpleNamespace]:
+    """Per ZeRO stage: `straight`, 9 steps on 1 rank; `run`, 3 steps on 1 rank, then on 2
+    ranks to step 6, then on 1 rank to step 9. Also what the checkpoints looked like and
+    what rank 0 logged right after each resume."""
+    root = tmp_path_factory.mktemp("regrid")
+    runs = {s: root / f"zero{s}" / "run" for s in STAGES}
+
+    def train(n: int, *jobs: tuple[str, int]) -> list[list[str]]:
+        """Each (run name, max_steps) job of every stage in one world of n ranks; rank 0's
+        log of each, in that order."""
+        return run_distributed(train_runs, n, [
+            (root / f"zero{s}" / name, [*args(shards, s), *ranks(n), f"trainer.max_steps={steps}"])
+            for name, steps in jobs for s in STAGES])[0]
+
+    train(1, ("straight", 9), ("run", 3))
+    before = {s: fingerprint(runs[s] / "checkpoints/step_00000003") for s in STAGES}
+    to_two = train(2, ("run", 6))
+    ckpts = {s: runs[s] / "checkpoints" for s in STAGES}
+    after_two = {s: SimpleNamespace(
+        step3=fingerprint(ckpts[s] / "step_00000003"),
+        verify3=verify(ckpts[s] / "step_00000003"),
+        hidden=sorted(p.name for p in ckpts[s].iterdir() if p.name.startswith(".")),
+        step6_ranks=sorted(p.name for p in (ckpts[s] / "step_00000006").glob("trainer_rank*")))
+        for s in STAGES}
+    back = train(1, ("run", 9))
+    return {s: SimpleNamespace(straight=root / f"zero{s}" / "straight", run=runs[s],
+                               before=before[s], to_two="\n".join(to_two[i]),
+                               after_two=after_two[s], back="\n".join(back[i]))
+            for i, s in enumerate(STAGES)}
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_one_rank_to_two_and_back_matches_an_uninterrupted_run(
-        tmp_path: Path, shards: Path, stage: int) -> None:
-    a = args(shards, stage)
-    straight, run = tmp_path / "straight", tmp_path / "run"
-    run_ranks(straight, 1, *a, *ranks(1), "trainer.max_steps=9")
-    run_ranks(run, 1, *a, *ranks(1), "trainer.max_steps=3")
-    ckpts = run / "checkpoints"
-    before = fingerprint(ckpts / "step_00000003")
-    err = run_ranks(run, 2, *a, *ranks(2), "trainer.max_steps=6")
+        regrid: dict[int, SimpleNamespace], stage: int) -> None:
+    res = regrid[stage]
+    straight, run = res.straight, res.run
+    err = res.to_two
     assert "step_00000003 was written by 1 rank, this run has 2: the data continues at " \
            "global sample 24" in err, err[-3000:]
     assert ("converted to a DeepSpeed universal checkpoint" in err) == (stage > 0)
     # The checkpoint resumed is left as it was; the conversion's scratch space is gone.
-    assert fingerprint(ckpts / "step_00000003") == before
-    assert verify(ckpts / "step_00000003") is None
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith(".")) == []
-    assert sorted(p.name for p in (ckpts / "step_00000006").glob("trainer_rank*")) \
-        == ["trainer_rank0.pt", "trainer_rank1.pt"]
-    err = run_ranks(run, 1, *a, *ranks(1), "trainer.max_steps=9")
+    assert res.after_two.step3 == res.before
+    assert res.after_two.verify3 is None
+    assert res.after_two.hidden == []
+    assert res.after_two.step6_ranks == ["trainer_rank0.pt", "trainer_rank1.pt"]
+    err = res.back
     assert "step_00000006 was written by 2 ranks, this run has 1" in err, err[-3000:]
 
     want = {r["step"]: r for r in read_metrics(straight)}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from conftest import REPO, read_metrics, run_train
+from conftest import REPO, WORDS, random_texts, read_metrics, run_train, write_jsonl
 from lmforge.config import ConfigError
 from lmforge.data.packing import bert_batch_seeded
 from lmforge.data.shards import ShardLoader, ShardSet, token_dtype
@@ -59,14 +58,9 @@ def popen(cmd: list[str]) -> subprocess.Popen:
 def built(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A corpus of random words (plus empty documents), tokenized once for GPT and BERT."""
     root = tmp_path_factory.mktemp("shards")
-    rng = random.Random(7)
-    words = ("alpha beta gamma delta shard rank batch step loss token grad zero "
-             "café naïve über").split()
-    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))
-             for _ in range(300)]
+    texts = random_texts(300, seed=7, lengths=(5, 60), words=[*WORDS, "café", "naïve", "über"])
     texts[10:10] = ["", "   \n"]  # skipped by lmforge-prepare
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    corpus = write_jsonl(root / "corpus.jsonl", texts)
     gpt, bert = root / "gpt", root / "bert"
     res = communicate({
         "gpt": popen(shards_cmd(gpt, corpus, "--shard-tokens", str(GPT_SHARD_TOKENS))),

@@ -18,7 +18,7 @@ from conftest import REPO, TINY, read_metrics
 from lmforge.checkpoint import (SET_ASIDE, latest_good, load_trainer_state, pick_checkpoint,
                                 prune, verify, write_latest, write_manifest)
 from lmforge.config import ConfigError
-from lmforge.distributed import _free_port
+from lmforge.distributed import free_port
 
 RUN = [*TINY, "trainer.log_every=1", "trainer.eval_every=0"]
 
@@ -206,7 +206,7 @@ MP = [*RUN, "parallel=zero2", "trainer.keep_last=0"]
 
 
 def _ranks(run_dir: Path, *overrides: str, limit_rank1: int = 0) -> list[tuple]:
-    port = str(_free_port())
+    port = str(free_port())
     out = []
     for rank in range(2):
         env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import types
 from pathlib import Path
 
 import pytest
 import torch
+
+from lmforge.distributed import free_port
 
 
 def fixed(what: str, workaround: str) -> str:
@@ -21,12 +22,6 @@ def fixed(what: str, workaround: str) -> str:
 
 
 # ---------------------------------------------------------------------------- DeepSpeed
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def deepspeed():
@@ -37,7 +32,7 @@ def deepspeed():
 
     mp = pytest.MonkeyPatch()
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(_free_port())).items():
+                     MASTER_PORT=str(free_port())).items():
         mp.setenv(k, v)
     mp.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
     ours = not torch.distributed.is_initialized()
@@ -226,7 +221,9 @@ def _zero_to_fp32(ckpt: Path) -> None:
 
 
 def _load_checkpoint(ckpt: Path) -> None:
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
 
     TorchCheckpointEngine().load(str(ckpt / "mp_rank_00_model_states.pt"), map_location="cpu")
 
@@ -234,7 +231,9 @@ def _load_checkpoint(ckpt: Path) -> None:
 def _ds_to_universal(ckpt: Path) -> None:
     import argparse
 
-    from deepspeed.checkpoint import ds_to_universal  # bare, as engine.to_universal calls it
+    from deepspeed.checkpoint import (
+        ds_to_universal,  # bare, as engine.to_universal calls it
+    )
 
     ds_to_universal.main(argparse.Namespace(
         input_folder=str(ckpt), output_folder=str(ckpt.parent / "universal"),

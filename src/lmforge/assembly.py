@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,11 +16,12 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge import distributed
-from lmforge.config import ConfigError, TrainConfig, resolve_grad_accum
+from lmforge.config import ConfigError, TrainConfig, pad_vocab, resolve_grad_accum, writing
 from lmforge.data.loader import BlockLoader
 from lmforge.data.shards import ShardLoader, ShardSet, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
-from lmforge.data.tokenizer import kind_for, load_tokenizer, special_ids, train_tokenizer
+from lmforge.data.tokenizer import (kind_for, load_tokenizer, save_tokenizer, special_ids,
+                                    train_tokenizer)
 from lmforge.data.workers import WorkerLoader
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, check_precision, create_model, ds_config
@@ -85,9 +87,11 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path, info: DistInfo, corpus: Cor
             shutil.copyfile(source, out)
         elif not out.is_file():
             t = time.perf_counter()
-            texts = (d for _, d in iter_documents(corpus.stream, "train", cfg.data.val_percent))
-            train_tokenizer(texts, kind, cfg.tokenizer.vocab_size,
-                            cfg.tokenizer.train_max_chars).save(str(out))
+            skipped: Counter = Counter()
+            texts = (d for _, d in iter_documents(corpus.stream, "train", cfg.data.val_percent,
+                                                  skipped=skipped))
+            save_tokenizer(train_tokenizer(texts, kind, cfg.tokenizer.vocab_size,
+                                           cfg.tokenizer.train_max_chars, skipped), out)
             log.info("trained a %s tokenizer (vocab %d) in %.1fs", kind,
                      cfg.tokenizer.vocab_size, time.perf_counter() - t)
 
@@ -156,7 +160,8 @@ def summarize(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, vocab: i
 
 def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     """Tokenizer, model, summary, and (unless max_steps=0: a dry run) data and engine."""
-    log.info("run dir %s, world size %d, %s", run_dir, info.world_size, info.device)
+    log.info("run dir %s, world size %d, device %s (trainer.device=%s)", run_dir,
+             info.world_size, info.device, cfg.trainer.device)
     claim_run_dir(run_dir, info)
     check_precision(cfg.precision.dtype, info.device)
     corpus = open_corpus(cfg)
@@ -165,12 +170,14 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab}; raise it or leave it null")
-    cfg.model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
+    cfg.model = dataclasses.replace(cfg.model,
+                                    vocab_size=cfg.model.vocab_size or pad_vocab(vocab))
     cfg.trainer = dataclasses.replace(
         cfg.trainer, grad_accum_steps=resolve_grad_accum(cfg.trainer, info.world_size))
     t, dry = cfg.trainer, cfg.trainer.max_steps == 0
     engine_cfg = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size,
-                           t.grad_accum_steps, info.world_size, info.device.type == "cuda")
+                           t.grad_accum_steps, info.world_size, info.device.type == "cuda",
+                           cfg.model.d_model)
     torch.manual_seed(t.seed)
     if dry:  # sized on the meta device: no memory, any size
         with torch.device("meta"):
@@ -181,7 +188,8 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
                              info.device, load)
     summary = summarize(cfg, model, info, vocab, corpus)
     if info.is_main:
-        (run_dir / "ds_config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        with writing(run_dir / "ds_config.json"):
+            (run_dir / "ds_config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
         if dry:
             write_summary(run_dir, summary)
             write_config(run_dir, cfg)

@@ -146,6 +146,8 @@ def verify(ckpt: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return "no readable manifest with a file list (an interrupted save?)"
     for name, entry in files.items():
+        if not isinstance(entry, dict) or Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{MANIFEST} has a bad entry for {name!r}"
         if problem := check_file(ckpt / name, entry):
             return f"{name} {problem}"
     return None

@@ -2,11 +2,12 @@
 before anything is allocated. No torch import here."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +15,21 @@ from omegaconf import DictConfig, OmegaConf
 
 class ConfigError(ValueError):
     """A config value is wrong; the message is one line naming the key and the fix."""
+
+
+class OutputError(ConfigError):
+    """A file could not be written (full disk, file-size limit, no permission)."""
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """An OSError raised inside becomes an OutputError: one line that names `path`
+    (a failed write() does not name its file)."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}; free space (or raise the "
+                          "file-size limit) or write somewhere else") from None
 
 
 @dataclass
@@ -25,7 +41,7 @@ class ModelConfig:
     d_model: int = 256
     d_ff: Optional[int] = None  # None = 4 * d_model
     max_seq_len: int = 1024  # size of the learned position table (RoPE: max positions)
-    vocab_size: Optional[int] = None  # None = from the tokenizer
+    vocab_size: Optional[int] = None  # None = the tokenizer's, padded to a multiple of 64
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # gelu_tanh | gelu | swiglu
@@ -167,6 +183,7 @@ class TrainerConfig:
     resume_from: Optional[str] = None
     start_fresh: bool = False  # a run dir whose checkpoints all fail verification: set them aside
     dist_timeout_s: float = 600.0  # a collective or a silent rank older than this ends the job
+    device: str = "auto"  # auto (CUDA when usable, else CPU) | cuda (refused without CUDA) | cpu
     max_bad_steps: int = 5  # non-finite loss/grad steps in a row before the run stops
     log_every: int = 10
     seed: int = 1337
@@ -254,12 +271,36 @@ def check_cli(argv: list[str]) -> None:
     if (args.help or args.hydra_help or args.shell_completion or args.info is not None
             or args.config_path is not None):
         return
+    check_dir_names(args.overrides)
     jobs = [args.overrides]
     if args.multirun:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
         jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     for job in jobs:
         compose(job, args.config_dir, args.config_name or "train")
+
+
+NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
+
+
+def check_dir_names(overrides: list[str]) -> None:
+    """A run directory given with a name too long for the file system is one line here,
+    not Hydra's traceback from mkdir (default names are kept short by run_name)."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") not in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
+            continue
+        for part in Path(value).parts:
+            if len(part.encode()) > NAME_MAX:
+                raise ConfigError(f"{key.lstrip('+~')}: the name {part[:20]!r}... is "
+                                  f"{len(part.encode())} bytes, more than a file name may have "
+                                  f"({NAME_MAX}); shorten it")
+
+
+def error_kind(e: BaseException) -> str:
+    """How a one-line message is labelled: an output that cannot be written (a full disk)
+    is no config error."""
+    return "error" if isinstance(e, OutputError) else "config error"
 
 
 def one_line(e: BaseException) -> str:
@@ -300,6 +341,7 @@ CHOICES = {
     "data.format": ("auto", "text", "json", "parquet"),
     "tokenizer.kind": ("auto", "bpe", "wordpiece"),
     "parallel.zero_stage": (0, 1, 2, 3),
+    "trainer.device": ("auto", "cuda", "cpu"),
     "precision.dtype": ("fp32", "bf16", "fp16"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
 }
@@ -307,11 +349,23 @@ CHOICES = {
 POSITIVE = ["model.n_layers", "model.n_heads", "model.d_model", "model.max_seq_len",
             "data.seq_len", "tokenizer.vocab_size", "trainer.micro_batch_size",
             "trainer.grad_accum_steps", "trainer.log_every", "trainer.max_bad_steps", "trainer.eval_batches",
-            "trainer.dist_timeout_s", "optim.lr"]
+            "trainer.dist_timeout_s", "optim.lr", "tokenizer.train_max_chars", "model.norm_eps"]
 NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",
                 "trainer.save_every_min",
                 "trainer.sample_tokens", "trainer.keep_last", "data.shuffle_buffer", "data.num_workers", "optim.warmup_steps", "optim.weight_decay",
-                "optim.grad_clip", "model.dropout", "model.type_vocab_size"]
+                "optim.grad_clip", "optim.eps", "model.type_vocab_size",
+                "model.init_std"]
+# Optional keys: None means "derive it"; a value must be > 0.
+POSITIVE_IF_SET = ["model.d_ff", "model.n_kv_heads", "model.vocab_size",
+                   "trainer.global_batch_size"]
+# [low, high): values outside make torch raise mid-set-up, or silently train nothing.
+HALF_OPEN = {"optim.beta1": (0.0, 1.0), "optim.beta2": (0.0, 1.0), "model.dropout": (0.0, 1.0)}
+
+
+def pad_vocab(tokenizer_vocab: int) -> int:
+    """model.vocab_size when left to the tokenizer: rounded up to a multiple of 64, so the
+    LM head's GEMM is aligned (50257 -> 50304); an explicit model.vocab_size stays exact."""
+    return -(-tokenizer_vocab // 64) * 64
 
 
 def resolve_grad_accum(t: TrainerConfig, world_size: int) -> int:
@@ -393,6 +447,12 @@ def validate(cfg: Any) -> None:
         _check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be > 0")
     for key in NON_NEGATIVE:
         _check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
+    for key in POSITIVE_IF_SET:
+        _check(_get(cfg, key) is None or _get(cfg, key) > 0,
+               f"{key}={_get(cfg, key)} must be > 0 (or null: derived)")
+    for key, (low, high) in HALF_OPEN.items():
+        _check(low <= _get(cfg, key) < high,
+               f"{key}={_get(cfg, key)} must be in [{low:g}, {high:g})")
     m, d = cfg.model, cfg.data
     _check(m.d_model % m.n_heads == 0,
            f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
@@ -400,6 +460,7 @@ def validate(cfg: Any) -> None:
     _check(m.n_heads % kv == 0,
            f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}")
     if m.pos_emb == "rope":
+        _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0")
         _check((m.d_model // m.n_heads) % 2 == 0, "model.pos_emb=rope needs an even head dim "
                f"(d_model/n_heads = {m.d_model // m.n_heads})")
     _check(d.seq_len <= m.max_seq_len,
@@ -448,7 +509,5 @@ def validate(cfg: Any) -> None:
            "parallel.offload_params needs parallel.zero_stage=3")
     _check(not p.offload_optimizer or p.zero_stage >= 1,
            "parallel.offload_optimizer needs parallel.zero_stage >= 1")
-    if m.vocab_size is not None:
-        _check(m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be > 0")
     for problem in _unused(cfg)[:1]:
         raise ConfigError(problem)

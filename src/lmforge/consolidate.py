@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lmforge import engine
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, pad_vocab
 from lmforge.manifest import load_error
 
 # weights_only=True is a real sandbox only from torch 2.6 (CVE-2025-32434).
@@ -64,7 +64,7 @@ def run_model_config(run_dir: Path, ckpt: Path, vocab_size: int) -> ModelConfig:
         raise CheckpointError(f"{path} has no valid model config: "
                               f"{str(e).splitlines()[0]}") from None
     # config.yaml keeps model.vocab_size=null when the trainer took it from the tokenizer.
-    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or vocab_size)
+    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or pad_vocab(vocab_size))
     trained = _trained_model(ckpt / "trainer_rank0.pt")
     ours = dataclasses.asdict(cfg)
     for k in sorted(set(ours) & set(trained)):

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from lmforge.config import ConfigError
+
 # (rank, world size, local rank) as each launcher names them, most specific first.
 _LAUNCHER_VARS = [
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, accelerate, deepspeed
@@ -35,7 +37,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -57,14 +60,29 @@ def launcher_env(env: dict[str, str] | None = None) -> dict[str, str]:
                            "slurm/train.sbatch shows how")
     out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
     out["MASTER_PORT"] = env.get("MASTER_PORT") or (
-        str(_free_port()) if out["WORLD_SIZE"] == "1" else "29500")
+        str(free_port()) if out["WORLD_SIZE"] == "1" else "29500")
     return out
 
 
 EXIT_PEER = 4  # this rank stopped because another rank failed or stopped answering
 
 
-def setup(timeout_s: float = 600.0) -> DistInfo:
+def cuda_usable(device: str) -> bool:
+    """Whether to run on CUDA for trainer.device; `cuda` without a usable GPU is refused
+    (a GPU job must never train on CPU unnoticed)."""
+    if device == "cpu":
+        return False
+    if torch.cuda.is_available():
+        return True
+    if device == "cuda":
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"trainer.device=cuda but CUDA is not usable (torch {torch.__version__}"
+                          f" is {build}; no GPU or driver found): install a CUDA build of torch "
+                          "that matches the driver, or set trainer.device=cpu")
+    return False
+
+
+def setup(timeout_s: float = 600.0, device: str = "auto") -> DistInfo:
     """Set the process-group env, pick the device and backend, and init torch.distributed.
 
     DeepSpeed's own init falls back to MPI discovery without these variables, so we set
@@ -73,7 +91,7 @@ def setup(timeout_s: float = 600.0) -> DistInfo:
     os.environ.update(launcher_env())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
+    if cuda_usable(device):
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:

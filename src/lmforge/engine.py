@@ -31,11 +31,36 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def zero_tuning(stage: int, d_model: int) -> dict[str, Any]:
+    """ZeRO settings for GPUs, scaled to the model instead of DeepSpeed's defaults (buckets of
+    5e8 elements, larger than small models; no overlap)."""
+    d2 = d_model * d_model
+    out: dict[str, Any] = {
+        # Reduce while backward still runs; one flat gradient buffer, no fragmentation.
+        "overlap_comm": True, "contiguous_gradients": True,
+        # ~one layer's weights per bucket (the sizes Hugging Face's "auto" values use):
+        # big enough to saturate the link, small enough to start early and overlap.
+        "reduce_bucket_size": d2, "allgather_bucket_size": max(d2, int(5e7)),
+        "reduce_scatter": True,
+    }
+    if stage == 3:
+        out.update({
+            "stage3_prefetch_bucket_size": int(0.9 * d2),  # the next layer, gathered ahead
+            # Norms and biases (~d elements) stay whole on every rank: gathering them costs
+            # more latency than their memory is worth.
+            "stage3_param_persistence_threshold": 10 * d_model})
+    return out
+
+
 def ds_config(parallel: ParallelConfig, precision: PrecisionConfig, optim: OptimConfig,
               micro_batch_size: int, grad_accum_steps: int, world_size: int,
-              on_gpu: bool = False) -> dict[str, Any]:
-    """The DeepSpeed config these settings describe; `parallel.ds_extra` is merged last."""
+              on_gpu: bool = False, d_model: int = 0) -> dict[str, Any]:
+    """The DeepSpeed config these settings describe; `parallel.ds_extra` is merged last.
+    On GPUs the ZeRO settings are tuned to the model (zero_tuning); on CPU (gloo, tests)
+    DeepSpeed's defaults are kept: overlap needs device streams."""
     zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if on_gpu and parallel.zero_stage > 0 and d_model:
+        zero.update(zero_tuning(parallel.zero_stage, d_model))
     if parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if parallel.offload_params:
@@ -56,7 +81,14 @@ def ds_config(parallel: ParallelConfig, precision: PrecisionConfig, optim: Optim
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # Its throughput timer synchronizes the device twice per micro-step: the host could
+        # never run ahead of the GPU. lmforge measures throughput itself, at log steps.
+        "timers": {"throughput": {"enabled": False}},
     }
+    if on_gpu and precision.dtype != "fp32":
+        # Gradients are reduced in fp32: bf16 sums over many ranks lose low bits of the
+        # update (Megatron-LM and torchtitan reduce in fp32 too); twice the bytes on the wire.
+        cfg["communication_data_type"] = "fp32"
     cfg = _merge(cfg, dict(parallel.ds_extra))
     # The engine is driven by the typed keys; raw keys must not contradict them.
     for key, want, got_ in [
@@ -115,6 +147,30 @@ def check_precision(dtype: str, device: torch.device) -> None:
                           f"(DeepSpeed's accelerator says so); use {instead}")
 
 
+# DeepSpeed's pydantic config models -> the config section each validates.
+_DS_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
+                "DeepSpeedFP16Config": "fp16", "HybridEngineConfig": "hybrid_engine",
+                "TensorBoardConfig": "tensorboard", "WandbConfig": "wandb",
+                "CSVConfig": "csv_monitor", "CometConfig": "comet",
+                "CommsLoggerConfig": "comms_logger", "TPTrainingConfig": "tensor_parallel",
+                "DeepSpeedThroughputTimerConfig": "timers.throughput"}
+
+
+@contextlib.contextmanager
+def ds_config_errors() -> Iterator[None]:
+    """DeepSpeed validates its config (pydantic) only when an engine or ZeRO-3 init is
+    built: a raw key from parallel.ds_extra it rejects becomes one line naming the key."""
+    import pydantic
+
+    try:
+        yield
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join([_DS_SECTIONS.get(e.title, e.title), *map(str, err["loc"])])
+        raise ConfigError(f"parallel.ds_extra: DeepSpeed rejects {key}={err.get('input')!r} "
+                          f"({err['msg']}); fix or drop that key") from None
+
+
 def init_distributed(device: torch.device) -> None:
     import deepspeed
 
@@ -136,7 +192,7 @@ def create_model(build: Callable[[], nn.Module], config: dict[str, Any],
     import deepspeed
 
     init_distributed(device)
-    with deepspeed.zero.Init(config_dict_or_path=config):
+    with ds_config_errors(), deepspeed.zero.Init(config_dict_or_path=config):
         model = build()
 
     def gather(p: nn.Parameter) -> Any:
@@ -195,8 +251,9 @@ class Engine:
                                 betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, max_steps))
         init_distributed(device)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, config=self.config)
+        with ds_config_errors():
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=opt, lr_scheduler=sched, config=self.config)
         self.stage = parallel.zero_stage
         # Workaround (deepspeedai/DeepSpeed#8393): DeepSpeed 0.19 scales the loss in
         # engine.backward() only for its ZeRO optimizers, yet its stage-0 fp16 optimizer
@@ -236,8 +293,10 @@ class Engine:
             self.engine.step()
             total += loss.detach().float()
         if grad_norm is None:
-            # FP16_UnfusedOptimizer reports the norm of the still-scaled gradients.
-            grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0).float() / scale
+            # FP16_UnfusedOptimizer reports the norm of the still-scaled gradients. No `or`
+            # on the norm: truth-testing a device tensor would wait for the GPU.
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = torch.as_tensor(0.0 if norm is None else norm).float() / scale
         return total / len(micro_batches), grad_norm, self.engine.skipped_steps == skipped_before
 
     def _plain_fp32_norm_and_guard(self) -> torch.Tensor:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, writing
 from lmforge.models.layers import ff_dim, kv_heads
 
 if TYPE_CHECKING:
@@ -289,8 +291,9 @@ def write_tokenizer(src: Path, tok: Tokenizer, out: Path, arch: str,
     return {"pad_token_id": ids["pad"]}
 
 
-def export(src: Path, out: Path) -> str:
-    """Write the HF model of `src` (a run or checkpoint directory) into `out`; a summary."""
+def export(src: Path, out: Path, force: bool = False) -> str:
+    """Write the HF model of `src` (a run or checkpoint directory) as the directory `out`
+    (refused if it exists, unless `force`: then replaced whole); a summary."""
     from safetensors.torch import save_file
 
     from lmforge.consolidate import check_state_dict, consolidate, resolve, run_model_config
@@ -298,7 +301,14 @@ def export(src: Path, out: Path) -> str:
 
     from lmforge.checkpoint import MANIFEST, verify
 
+    if (out.exists() or out.is_symlink()) and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it, or choose "
+                          "another OUT")
     run_dir, ckpt = resolve(src)
+    real = out.resolve()
+    if any(real == p or real in p.parents for p in (run_dir.resolve(), ckpt.resolve())):
+        raise ExportError(f"{out} holds the run being exported ({run_dir}); choose an OUT "
+                          "outside it")
     if (ckpt / MANIFEST).is_file() and (problem := verify(ckpt)):
         raise ExportError(f"{ckpt} is damaged: {problem}")
     # A checkpoint carries its own tokenizer and config; older ones rely on the run's.
@@ -312,13 +322,36 @@ def export(src: Path, out: Path) -> str:
     sd = consolidate(ckpt)
     check_state_dict(cfg, sd)
     tensors = safetensors_ready(to_hf_state_dict(cfg, sd))
-    out.mkdir(parents=True, exist_ok=True)
-    config.update(write_tokenizer(tok_path, tok, out, cfg.arch, cfg.max_seq_len),
-                  torch_dtype="float32")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # Everything goes into a sibling first: OUT appears complete or not at all, and never
+    # holds a config.json without its weights or files of an earlier export.
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with writing(tmp):
+            tmp.mkdir(parents=True)
+            config.update(write_tokenizer(tok_path, tok, tmp, cfg.arch, cfg.max_seq_len),
+                          torch_dtype="float32")
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        with writing(out):
+            _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     n = sum(t.numel() for t in tensors.values())
     return f"wrote {out} ({config['model_type']}, {n:,} parameters) from {ckpt}"
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename the directory `new` to `out`, first moving aside (then deleting) what was there."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(new, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(new, out)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
 
 
 def main(argv: list[str]) -> int:
@@ -327,10 +360,11 @@ def main(argv: list[str]) -> int:
         "model directory (model.safetensors, config.json, tokenizer files).")
     parser.add_argument("src", type=Path, help="a run directory (exports checkpoints/latest) "
                         "or a checkpoint directory RUN/checkpoints/step_XXXXXXXX")
-    parser.add_argument("out", type=Path, help="the directory to write")
+    parser.add_argument("out", type=Path, help="the directory to write (a new one)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     try:
-        print(export(args.src, args.out))
+        print(export(args.src, args.out, args.force))
     except (ValueError, OSError) as e:  # ours, ConfigError, hf_family's; OUT is a file
         print(f"lmforge-export: error: {e}", file=sys.stderr)
         return 2

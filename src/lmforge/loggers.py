@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from lmforge.config import LoggingConfig
+from lmforge.config import LoggingConfig, writing
 
 log = logging.getLogger("lmforge")
 
@@ -31,11 +31,14 @@ class JsonlSink:
     """One JSON object per logged step, flushed at once so a crash loses nothing logged."""
 
     def __init__(self, path: Path) -> None:
-        self.f = open(path, "a", encoding="utf-8")
+        self.path = path
+        with writing(path):
+            self.f = open(path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self.f.write(json.dumps({"step": step, **_clean(metrics)}) + "\n")
-        self.f.flush()
+        with writing(self.path):  # a full disk: one line naming the file
+            self.f.write(json.dumps({"step": step, **_clean(metrics)}) + "\n")
+            self.f.flush()
 
     def close(self) -> None:
         self.f.close()
@@ -116,6 +119,21 @@ def build_sinks(cfg: LoggingConfig, run_dir: Path, total_steps: int, start_step:
     return sinks
 
 
+class LogFile(logging.FileHandler):
+    """train.log. A write that fails (a full disk) is said once in one line, instead of a
+    traceback for every record; the log goes on on stderr."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        import sys
+
+        if not self.failed:
+            self.failed = True
+            print(f"lmforge: cannot write {self.baseFilename}: {sys.exc_info()[1]}; the log "
+                  "goes on on stderr only", file=sys.stderr)
+
+
 def setup_logging(rank: int, run_dir: Path) -> None:
     """Rank 0 logs INFO to stderr and run_dir/train.log; other ranks only warnings."""
     import logging
@@ -124,7 +142,8 @@ def setup_logging(rank: int, run_dir: Path) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if rank == 0:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+        with writing(run_dir / "train.log"):
+            handlers.append(LogFile(run_dir / "train.log"))
     logging.basicConfig(level=level, handlers=handlers, force=True,
                         format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):

@@ -3,6 +3,7 @@ throughput meter that turns step timings into the logged numbers."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
@@ -13,8 +14,12 @@ import torch
 
 from lmforge.config import ModelConfig
 
+log = logging.getLogger("lmforge")
+
 # Dense (no sparsity) peak TFLOP/s per device by dtype, from the vendors' data sheets.
+# First match wins: the more specific names (NVL, PCIe) come before their family.
 PEAK_TFLOPS = {
+    "H200 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "H100 SXM": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
@@ -82,19 +87,39 @@ def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8) ->
     key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|" \
           f"{torch.get_num_threads()}|{torch.__version__}|{dtype}"
     path = _cache_path()
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in cache:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    cache = _read_cache(path)
+    value = cache.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6:
+        return float(value)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
         a @ b
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
-        cache[key] = 2 * n**3 / best / 1e12
+        best = min(best, time.perf_counter() - t)
+    cache[key] = 2 * n**3 / max(best, 1e-9) / 1e12
+    try:  # atomic, so a rank reading it never sees half; a read-only cache only costs time
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cache, indent=1))
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("cannot cache the CPU peak in %s: %s", path, e)
     return cache[key]
+
+
+def _read_cache(path: Path) -> dict:
+    """The peak cache; a damaged one (not JSON, not an object) is ignored and rewritten."""
+    try:
+        cache = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring the damaged CPU peak cache %s (%s); measuring again", path,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> float:
@@ -106,7 +131,7 @@ def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> floa
         for key, table in PEAK_TFLOPS.items():
             if all(part in name for part in key.split()):
                 return table[dtype]
-        return 0.0  # unknown GPU: MFU is reported as 0 rather than guessed
+        return 0.0  # unknown GPU: MFU is reported as unknown (null) rather than guessed
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return measure_cpu_peak_tflops(torch_dtype)
 
@@ -152,7 +177,7 @@ class Throughput:
         out = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world,
                "samples_per_s": self.samples / elapsed,
                "step_time_s": elapsed / max(self.steps, 1), "tflops": tflops,
-               "mfu": tflops / self.peak if self.peak > 0 else 0.0,
+               "mfu": tflops / self.peak if self.peak > 0 else None,  # None: unknown peak
                "data_wait_frac": self.data_wait_s / elapsed}
         if self.hw_fpt and self.peak > 0:  # hardware FLOPs utilisation, recompute included
             out["hfu"] = tps / self.world * self.hw_fpt / 1e12 / self.peak

@@ -15,17 +15,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmforge.config import ConfigError, TrainConfig, compose, one_line
+from lmforge.config import ConfigError, TrainConfig, compose, one_line, writing
 
 def _train_tokenizer(cfg: TrainConfig, out: Path) -> None:
+    from collections import Counter
+
     from lmforge.data.sources import iter_documents, load_stream
-    from lmforge.data.tokenizer import kind_for, train_tokenizer
+    from lmforge.data.tokenizer import kind_for, save_tokenizer, train_tokenizer
 
     stream, _ = load_stream(cfg.data, cfg.trainer.seed)
-    texts = (d for _, d in iter_documents(stream, "train", cfg.data.val_percent))
+    skipped: Counter = Counter()
+    texts = (d for _, d in iter_documents(stream, "train", cfg.data.val_percent, skipped=skipped))
     tok = train_tokenizer(texts, kind_for(cfg.model.arch, cfg.tokenizer.kind),
-                          cfg.tokenizer.vocab_size, cfg.tokenizer.train_max_chars)
-    tok.save(str(out))
+                          cfg.tokenizer.vocab_size, cfg.tokenizer.train_max_chars, skipped)
+    save_tokenizer(tok, out)
 
 
 def _documents(cfg: TrainConfig):
@@ -50,7 +53,11 @@ def _documents(cfg: TrainConfig):
 
 def cmd_tokenizer(args: argparse.Namespace, cfg: TrainConfig) -> None:
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() or (out.exists() and not args.force):
+        raise ConfigError(f"--out {out} already exists; choose another path" + (
+            "" if out.is_dir() else " or pass --force to replace it"))
+    with writing(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     _train_tokenizer(cfg, out)
     print(f"wrote {out} ({time.perf_counter() - t:.1f}s)")
@@ -63,9 +70,18 @@ def cmd_shards(args: argparse.Namespace, cfg: TrainConfig) -> None:
     if cfg.data.shard_sources():
         raise ConfigError("data.source=shards reads shards; prepare from embedded, files or hub")
     kind = kind_for(cfg.model.arch, cfg.tokenizer.kind)
+    if Path(args.out).exists():  # said now, not after training a tokenizer
+        raise ConfigError(f"{args.out} already exists; remove it or choose another "
+                          "output directory")
+    given = args.tokenizer or cfg.tokenizer.path
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        raise ConfigError(f"--tokenizer {args.tokenizer} does not exist; point it at a "
+                          "tokenizer.json, or leave --tokenizer out to train one")
+    if given:  # a mistyped path is an error, as in lmforge-train, never a new tokenizer there
+        load_tokenizer(given)
     with tempfile.TemporaryDirectory() as tmp:
-        tok_path = Path(args.tokenizer or cfg.tokenizer.path or Path(tmp) / "tokenizer.json")
-        if not tok_path.exists():
+        tok_path = Path(given or Path(tmp) / "tokenizer.json")
+        if not given:
             _train_tokenizer(cfg, tok_path)
         ids = special_ids(load_tokenizer(tok_path), kind)
         docs, corpus = _documents(cfg)
@@ -83,6 +99,9 @@ def cmd_shards(args: argparse.Namespace, cfg: TrainConfig) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from lmforge.data.shards import verify_shards
 
+    if not Path(args.dir).is_dir():
+        raise ConfigError(f"{args.dir} is not a directory; pass the --out of lmforge-prepare "
+                          "shards")
     problems = verify_shards(Path(args.dir))
     for p in problems:
         print(p, file=sys.stderr)
@@ -96,6 +115,7 @@ def cli(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("tokenizer", help="train a tokenizer.json on a bounded corpus sample")
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p = sub.add_parser("shards", help="tokenize a corpus into memory-mapped shards")
     p.add_argument("--out", required=True, help="a new directory")
     p.add_argument("--tokenizer", help="tokenizer.json to use (default: tokenizer.path, "
@@ -106,7 +126,7 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("dir")
     args, overrides = parser.parse_known_args(argv)
     if args.cmd == "verify":
-        sys.exit(cmd_verify(args))
+        sys.exit(_one_line_errors(lambda: cmd_verify(args)))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
@@ -119,11 +139,17 @@ def cli(argv: list[str] | None = None) -> None:
     except Exception as e:  # Hydra's and OmegaConf's many error types: one line each
         print(f"lmforge-prepare: config error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    cmd = cmd_tokenizer if args.cmd == "tokenizer" else cmd_shards
+    sys.exit(_one_line_errors(lambda: cmd(args, cfg)))
+
+
+def _one_line_errors(run) -> int:
+    """run()'s exit code; bad input or an unwritable output is one line and exit code 2."""
     try:
-        (cmd_tokenizer if args.cmd == "tokenizer" else cmd_shards)(args, cfg)
-    except ConfigError as e:
-        print(f"lmforge-prepare: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return run() or 0
+    except (ConfigError, OSError) as e:
+        print(f"lmforge-prepare: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

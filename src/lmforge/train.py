@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lmforge.config import ConfigError, check_cli, conf_dir, one_line, register_configs, to_schema
+from lmforge.config import ConfigError, check_cli, conf_dir, error_kind, one_line, register_configs, to_schema
 
 EXIT_CONFIG = 2  # bad config or input: fix and re-run
 EXIT_DIVERGED = 3  # too many non-finite steps; the last good checkpoint is kept
@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> None:
     try:
         schema = to_schema(cfg, list(HydraConfig.get().overrides.task))
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        info = distributed.setup(schema.trainer.dist_timeout_s)
+        info = distributed.setup(schema.trainer.dist_timeout_s, schema.trainer.device)
         setup_logging(info.rank, run_dir)
         trainer = build(schema, run_dir, info)  # None: a dry run
         if trainer is not None and trainer.fit().get("stopped"):
@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> None:
 
 def fail(e: Exception) -> None:
     # SystemExit passes through Hydra's error reporting, which would print a traceback.
-    print(f"lmforge-train: config error: {one_line(e)}", file=sys.stderr)
+    print(f"lmforge-train: {error_kind(e)}: {one_line(e)}", file=sys.stderr)
     sys.exit(EXIT_CONFIG)
 
 

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge import checkpoint, distributed
-from lmforge.config import ConfigError, ModelConfig, TrainConfig
+from lmforge.config import ConfigError, ModelConfig, TrainConfig, writing
 from lmforge.data.workers import WorkerLoader
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, to_universal
@@ -317,8 +317,10 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> None:
     """The resolved config (model.vocab_size filled in) as config.yaml."""
     from omegaconf import OmegaConf
 
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    with writing(run_dir / "config.yaml"):
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with writing(run_dir / "summary.json"):
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -71,6 +71,10 @@ class BlockLoader:
                     yield from self.packer.add(ids)
             if not self.train:
                 return
+            if start == 0 and self.next_doc == 0 and self.skipped and self.world == 1:
+                raise ConfigError(f"no usable training document ({sum(self.skipped.values())} "
+                                  f"skipped: {dict(self.skipped)}); check data.paths, "
+                                  "data.format and data.text_field")
             if start == 0 and self.next_doc == 0:
                 raise ConfigError(f"reader {self.rank} of {self.world} (ranks x loader workers) "
                                   f"got no training document in epoch {self.epoch}; the corpus "

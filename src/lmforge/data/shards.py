@@ -174,9 +174,42 @@ def read_manifest(root: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); re-run lmforge-prepare shards") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path} is not a shard manifest (it holds a JSON "
+                          f"{type(manifest).__name__}); re-run lmforge-prepare shards")
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ConfigError(f"{path} {problem}: it is damaged; re-run lmforge-prepare shards")
     return manifest
+
+
+_KEYS = {"kind": str, "vocab_size": int, "dtype": str, "sep_id": int, "tokenizer_sha256": str,
+         "corpus": dict, "splits": dict}
+_SHARD_KEYS = {"file": str, "tokens": int, "sha256": str}
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What a manifest lacks (a key, a split, a shard entry's field), or None."""
+    for key, kind in _KEYS.items():
+        if not isinstance(m.get(key), kind):
+            return f"has no valid {key!r}"
+    if m["dtype"] not in ("uint16", "uint32"):
+        return f"has dtype {m['dtype']!r} (uint16 or uint32)"
+    for split in SPLITS:
+        entry = m["splits"].get(split)
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list) \
+                or not isinstance(entry.get("tokens"), int):
+            return f"has no shard list for the {split} split"
+        for e in entry["shards"]:
+            bad = [k for k, kind in _SHARD_KEYS.items()
+                   if not isinstance(e, dict) or not isinstance(e.get(k), kind)]
+            if bad:
+                return f"has a {split} shard entry without a valid {bad[0]!r}"
+            if Path(e["file"]).name != e["file"]:
+                return f"names a shard outside its directory ({e['file']!r})"
+    return None
 
 
 def verify_shards(root: Path) -> list[str]:

@@ -50,16 +50,54 @@ def fingerprint(files: list[Path]) -> dict:
     return {"files": len(files), "bytes": total, "sha256": h.hexdigest()[:16]}
 
 
-def resolve_files(paths: list[str]) -> list[Path]:
-    """Expand files and globs; every entry must match at least one file."""
+def _expand(pattern: str) -> Iterator[str]:
+    """glob's matches for `pattern`, except that `**` descends into each real directory
+    once: a symlink loop (a/loop -> a) is not followed round (glob goes ~40 levels deep,
+    and with two loops 2**40 paths)."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        yield from glob.iglob(pattern)
+        return
+    i = parts.index("**")
+    head, rest = os.sep.join(parts[:i]) or ("/" if pattern.startswith(os.sep) else "."), \
+        os.sep.join(parts[i + 1:])
+    seen: set[str] = set()
+    for base in (glob.glob(head) if glob.has_magic(head) else [head]):
+        for d, dirnames, filenames in os.walk(base, followlinks=True):
+            real = os.path.realpath(d)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))  # as glob's **
+            found = (_expand(os.path.join(glob.escape(d), rest)) if rest else
+                     (os.path.join(d, f) for f in filenames if not f.startswith(".")))
+            yield from map(os.path.normpath, found)  # "./a.txt" -> "a.txt", as glob has it
+
+
+def resolve_files(paths: list[str]) -> tuple[list[Path], int]:
+    """Expand files and globs; every entry must match at least one file. A file matched
+    twice (overlapping globs, a symlink to it, a symlinked directory) is read once: the
+    files by first match, and how many matches were dropped as duplicates."""
     out: list[Path] = []
+    seen: set[str] = set()
+    duplicates = 0
     for p in paths:
-        matches = sorted(glob.glob(os.path.expanduser(p), recursive=True))
+        matches = sorted(set(_expand(os.path.expanduser(p))))
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             raise ConfigError(f"data.paths entry {p!r} matches no file; check the path or glob")
-        out += [Path(m) for m in matches]
-    return out
+        for m in matches:
+            real = os.path.realpath(m)
+            if real in seen:
+                duplicates += 1
+                continue
+            seen.add(real)
+            out.append(Path(m))
+    if duplicates:
+        log.warning("data.paths: %d match(es) of a file already listed skipped (overlapping "
+                    "globs or symlinks); each file is read once", duplicates)
+    return out, duplicates
 
 
 def _format_of(files: list[Path], fmt: str) -> str:
@@ -86,40 +124,142 @@ def load_stream(cfg: DataConfig, seed: int = 0) -> tuple[datasets.IterableDatase
                                           probabilities=weights, seed=seed,
                                           stopping_strategy="all_exhausted")
         return ds, {"source": "mixture", "weights": weights, "parts": [i for _, i in parts]}
-    if cfg.source == "hub":
-        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split,
-                                   streaming=True)
-        info = {"source": "hub", "name": cfg.hub_name, "config": cfg.hub_config}
-        field = cfg.text_field
-    else:
-        files = embedded_corpus_files() if cfg.source == "embedded" else resolve_files(cfg.paths)
-        empty = [f for f in files if f.stat().st_size == 0]
-        if empty and cfg.source != "embedded":  # the stdlib has empty __init__.py files
-            log.warning("skipping %d empty file(s): %s", len(empty),
-                        ", ".join(str(f) for f in empty[:3]) + (" ..." if len(empty) > 3 else ""))
-            files = [f for f in files if f.stat().st_size > 0]
-        if not files:
-            raise ConfigError(f"every file of data.paths={list(cfg.paths)} is empty")
-        fmt = "text" if cfg.source == "embedded" else _format_of(files, cfg.format)
-        data_files = [str(f) for f in files]
-        if fmt == "parquet":
-            ds = datasets.load_dataset("parquet", data_files=data_files, split="train",
-                                       streaming=True, columns=[cfg.text_field])
-            field = cfg.text_field
-        else:
-            # Bad bytes become U+FFFD and such documents are skipped and counted (see
-            # skip_reason) instead of an exception in the middle of a run.
-            ds = datasets.load_dataset("text", data_files=data_files, split="train",
-                                       streaming=True, encoding_errors="replace",
-                                       sample_by="document" if fmt == "text" else "line")
-            field = "text"
-            if fmt == "json":  # parsed per line here: a bad line is skipped, not fatal
-                ds = ds.map(functools.partial(_json_line, field=cfg.text_field))
-        info = {"source": cfg.source, "format": fmt, **fingerprint(files),
-                "empty_files": len(empty)}
+    ds, info, field = _hub_stream(cfg) if cfg.source == "hub" else _file_stream(cfg)
     if field != "text":
         ds = ds.rename_column(field, "text")
     return ds, info
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _hub_stream(cfg: DataConfig) -> tuple[datasets.IterableDataset, dict, str]:
+    where = f"data.hub_name={cfg.hub_name!r}"
+    try:
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split,
+                                   streaming=True)
+        columns = _feature_kinds(ds.features) if ds.features else _peek_kinds(ds)
+    except Exception as e:  # datasets' many errors: offline, no such name, config or split
+        raise ConfigError(f"{where} (config {cfg.hub_config!r}, split {cfg.hub_split!r}) "
+                          f"cannot be read: {_first_line(e)}; check the name, data.hub_config "
+                          "and data.hub_split (offline, only cached datasets load)") from None
+    _check_text_column(columns, cfg.text_field, where)
+    return ds, {"source": "hub", "name": cfg.hub_name, "config": cfg.hub_config}, cfg.text_field
+
+
+def _file_stream(cfg: DataConfig) -> tuple[datasets.IterableDataset, dict, str]:
+    files, duplicates = ((embedded_corpus_files(), 0) if cfg.source == "embedded"
+                         else resolve_files(cfg.paths))
+    empty = [f for f in files if f.stat().st_size == 0]
+    if empty and cfg.source != "embedded":  # the stdlib has empty __init__.py files
+        log.warning("skipping %d empty file(s): %s", len(empty),
+                    ", ".join(str(f) for f in empty[:3]) + (" ..." if len(empty) > 3 else ""))
+        files = [f for f in files if f.stat().st_size > 0]
+    if not files:
+        raise ConfigError(f"every file of data.paths={list(cfg.paths)} is empty")
+    fmt = "text" if cfg.source == "embedded" else _format_of(files, cfg.format)
+    info = {"source": cfg.source, "format": fmt, **fingerprint(files), "empty_files": len(empty)}
+    if cfg.source != "embedded":
+        info["duplicate_files"] = duplicates
+    if fmt == "parquet":
+        for f in files:  # a missing column would otherwise fail in the middle of the run
+            _check_text_column(_parquet_kinds(f), cfg.text_field, str(f))
+        return datasets.load_dataset("parquet", data_files=[str(f) for f in files],
+                                     split="train", streaming=True,
+                                     columns=[cfg.text_field]), info, cfg.text_field
+    whole = [f for f in files if fmt == "json" and _one_json_value(f)]
+    lines = [str(f) for f in files if f not in whole]
+    # Bad bytes become U+FFFD and such documents are skipped and counted (see
+    # skip_reason) instead of an exception in the middle of a run.
+    ds = datasets.load_dataset("text", data_files=lines, split="train",
+                               streaming=True, encoding_errors="replace",
+                               sample_by="document" if fmt == "text" else "line") if lines else None
+    if fmt != "json":
+        return ds, info, "text"
+    parse = functools.partial(_json_line, field=cfg.text_field)  # per line: a bad one is skipped
+    if not whole:
+        return ds.map(parse), info, "text"
+    log.info("reading %d .json file(s) as one JSON value each (an array: a document per "
+             "element)", len(whole))
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "skip": datasets.Value("string")})
+    arrays = datasets.IterableDataset.from_generator(
+        _json_values, features=features,
+        gen_kwargs={"files": [str(f) for f in whole], "field": cfg.text_field})
+    parts = ([ds.map(parse, features=features)] if ds is not None else []) + [arrays]
+    return datasets.concatenate_datasets(parts), info, "text"
+
+
+def _one_json_value(path: Path) -> bool:
+    """True for a file that is one JSON value over several lines or on one (an array, a
+    pretty-printed object), not JSON Lines (whose first line is a whole value)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        return True
+    try:
+        json.loads(head.split("\n", 1)[0])
+        return False
+    except ValueError:
+        return head.startswith("{")
+
+
+def _json_values(files: list[str], field: str) -> Iterator[dict]:
+    """The documents of files that are one JSON value each: an array's elements, an
+    object as one; a file that does not parse whole is read as JSON Lines after all."""
+    for path in files:
+        text = Path(path).read_text(encoding="utf-8", errors="replace").lstrip("\ufeff")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            lines = text.split("\n")
+            lines = lines[:-1] if lines[-1] == "" else lines  # after the last newline
+            yield from (_json_line({"text": line}, field) for line in lines)
+            continue
+        items = value if isinstance(value, list) else [value]
+        yield from (_json_item(item, field) for item in items)
+        if not items:
+            yield {"text": None, "skip": "empty"}
+
+
+def _feature_kinds(features: datasets.Features) -> dict[str, str]:
+    return {k: ("string" if isinstance(v, datasets.Value) and "string" in v.dtype else
+                "null" if isinstance(v, datasets.Value) and v.dtype == "null" else str(v))
+            for k, v in features.items()}
+
+
+def _peek_kinds(ds: datasets.IterableDataset) -> dict[str, str]:
+    """Column kinds from the first example (a stream whose features are not declared)."""
+    first = next(iter(ds.take(1)), {})
+    return {k: "string" if isinstance(v, str) else "null" if v is None else type(v).__name__
+            for k, v in first.items()}
+
+
+def _parquet_kinds(path: Path) -> dict[str, str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow's ArrowInvalid and OSError
+        raise ConfigError(f"{path} is not a readable Parquet file ({_first_line(e)}); fix or "
+                          "remove it from data.paths") from None
+    text = (pa.types.is_string, pa.types.is_large_string, getattr(pa.types, "is_string_view",
+                                                                   pa.types.is_string))
+    return {f.name: "string" if any(t(f.type) for t in text) else
+            "null" if pa.types.is_null(f.type) else str(f.type) for f in schema}
+
+
+def _check_text_column(kinds: dict[str, str], field: str, where: str) -> None:
+    """The text column must exist and hold strings: checked before reading, not mid-run."""
+    names = ", ".join(list(kinds)[:12]) + (" ..." if len(kinds) > 12 else "")
+    if field not in kinds:
+        raise ConfigError(f"data.text_field={field!r} is not a column of {where} (its "
+                          f"columns: {names or 'none'}); set data.text_field to one of them")
+    if kinds[field] not in ("string", "null"):
+        raise ConfigError(f"data.text_field={field!r} of {where} holds {kinds[field]}, not "
+                          f"text (its columns: {names}); set data.text_field to a text column")
 
 
 def _json_line(ex: dict, field: str) -> dict:
@@ -128,6 +268,10 @@ def _json_line(ex: dict, field: str) -> dict:
         obj = json.loads(ex["text"])
     except ValueError:
         return {"text": None, "skip": "bad_json" if ex["text"].strip() else "empty"}
+    return _json_item(obj, field)
+
+
+def _json_item(obj: object, field: str) -> dict:
     text = obj.get(field) if isinstance(obj, dict) else None
     return {"text": text if isinstance(text, str) else None,
             "skip": None if isinstance(text, str) else "no_text_field"}

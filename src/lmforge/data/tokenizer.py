@@ -2,6 +2,8 @@
 bounded sample of the corpus, or loaded from any tokenizer.json."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -9,7 +11,7 @@ import numpy as np
 from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
 
-from lmforge.config import ConfigError
+from lmforge.config import ConfigError, writing
 
 # The one place special tokens are defined.
 SPECIALS = {
@@ -24,18 +26,49 @@ def kind_for(arch: str, kind: str = "auto") -> str:
     return ("bpe" if arch == "gpt" else "wordpiece") if kind == "auto" else kind
 
 
-def _bounded(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+# The BPE trainer's work per merge grows with the length of the words holding the pair: a
+# 20 MB whitespace-free "word" (minified code, base64, a genome) took it > 500 s. Runs of
+# non-whitespace longer than RUN_CHARS (the stdlib's longest is ~140) reach the trainer cut
+# into RUN_CHARS pieces, at most RUN_BUDGET characters of them per document; text without
+# such runs reaches it unchanged (so the default tokenizer is what it always was).
+RUN_CHARS = 1000
+RUN_BUDGET = 1 << 20
+# Python's str whitespace includes \x1c-\x1f, which neither pre-tokenizer splits on.
+_LONG_RUN = re.compile(r"(?<![\S\x1c-\x1f])[\S\x1c-\x1f]{%d,}" % (RUN_CHARS + 1))
+
+
+def training_pieces(text: str) -> list[str]:
+    """`text` as the tokenizer trainer sees it: whole, unless it has whitespace-free runs
+    longer than RUN_CHARS, which are cut into RUN_CHARS pieces (at most RUN_BUDGET
+    characters of them; the rest of such runs is left out)."""
+    out, start, budget = [], 0, RUN_BUDGET
+    for m in _LONG_RUN.finditer(text):  # the look-behind: matches start where runs start
+        out.append(text[start:m.start()])
+        run = text[m.start():m.start() + min(m.end() - m.start(), budget)]
+        out += [run[i:i + RUN_CHARS] for i in range(0, len(run), RUN_CHARS)]
+        budget -= len(run)
+        start = m.end()
+    if start == 0:
+        return [text]
+    out.append(text[start:])
+    return [t for t in out if t]
+
+
+def _bounded(texts: Iterable[str], max_chars: int, counted: list[int]) -> Iterator[str]:
     seen = 0
     for t in texts:
-        yield t[: max_chars - seen]
+        counted[0] += 1
+        yield from training_pieces(t[: max_chars - seen])
         seen += len(t)
         if seen >= max_chars:
             return
 
 
 def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int,
-                    max_chars: int = 50_000_000) -> Tokenizer:
-    """Train a tokenizer on at most `max_chars` characters of `texts`."""
+                    max_chars: int = 50_000_000, skipped: dict[str, int] | None = None
+                    ) -> Tokenizer:
+    """Train a tokenizer on at most `max_chars` characters of `texts`. No text at all is
+    an error (`skipped`: the documents the caller left out, by reason, for its message)."""
     specials = list(SPECIALS[kind].values())
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
@@ -56,7 +89,12 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int,
             special_tokens=[(cls, specials.index(cls)), (sep, specials.index(sep))])
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
                                             show_progress=False)
-    tok.train_from_iterator(_bounded(texts, max_chars), trainer=trainer)
+    counted = [0]
+    tok.train_from_iterator(_bounded(texts, max_chars, counted), trainer=trainer)
+    if counted[0] == 0:
+        why = f" ({sum(skipped.values())} skipped: {dict(skipped)})" if skipped else ""
+        raise ConfigError(f"no usable document to train the tokenizer on{why}; check "
+                          "data.paths, data.format and data.text_field")
     # A freshly trained Tokenizer encodes ~2x slower than a reloaded one.
     return Tokenizer.from_str(tok.to_str())
 
@@ -99,6 +137,18 @@ def encode_documents(tok: Tokenizer, texts: list[str], group_chars: int = 1 << 2
             ids[d].append(np.fromiter(got, dtype=np.int64, count=len(got)))
         start = end
     return [np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in ids]
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    """Write `tok` as `path` (what Tokenizer.save writes), whole or not at all."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with writing(path):
+            tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

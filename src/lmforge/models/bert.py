@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 from lmforge.models.layers import (IGNORE_INDEX, Block, count_params, init_normal, make_norm,
-                                   masked_cross_entropy)
+                                   head_cross_entropy)
 
 
 class BERT(nn.Module):
@@ -84,7 +84,8 @@ class BERT(nn.Module):
         labels = batch["labels"]
         # The head runs only where there is a label (~15% of tokens): same loss, less compute.
         picked = labels != IGNORE_INDEX  # (B, T)
-        return masked_cross_entropy(self.head(h[picked]), labels[picked])  # (N, V) vs (N,)
+        return head_cross_entropy(self.head, h[picked], labels[picked],  # (N, D) vs (N,)
+                                  self.cfg.vocab_size)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters; non_embedding leaves out word, position and token-type tables."""

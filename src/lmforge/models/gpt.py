@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 from lmforge.models.layers import (Block, Rotary, count_params, init_normal, make_norm,
-                                   masked_cross_entropy, residual_projections)
+                                   head_cross_entropy, residual_projections)
 
 
 class GPT(nn.Module):
@@ -65,7 +65,8 @@ class GPT(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Mean CE of logits against batch['labels'] (already shifted; -100 ignored)."""
-        return masked_cross_entropy(self.logits(batch["input_ids"]), batch["labels"])
+        return head_cross_entropy(self.lm_head, self.hidden(batch["input_ids"]), batch["labels"],
+                                  self.cfg.vocab_size)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters; non_embedding leaves out token and position tables."""

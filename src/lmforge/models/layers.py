@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 
@@ -197,6 +198,30 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     # Dividing by a clamped count (no host sync) turns 0/0 into 0 instead of NaN.
     count = (labels != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
+
+
+# Logits of more elements than this (tokens x vocab) are made one chunk of rows at a time.
+CHUNK_ELEMENTS = 1 << 25  # 32 M: 128 MB of fp32 logits
+
+
+def _chunk_loss(head: nn.Module, h: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(head(h).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def head_cross_entropy(head: nn.Module, h: Tensor, labels: Tensor, vocab_size: int,
+                       chunk_elements: int | None = None) -> Tensor:
+    """masked_cross_entropy(head(h), labels) without ever holding all logits: when tokens x
+    vocab exceeds chunk_elements, rows go through the head and the loss a chunk at a time,
+    each chunk's logits recomputed in backward (activation checkpointing). A 50k vocab at
+    8 x 1024 tokens would otherwise hold 1.6 GB of fp32 logits and as much of their grads.
+    Small heads take one piece, exactly as masked_cross_entropy."""
+    rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // vocab_size)
+    if labels.numel() <= rows:
+        return masked_cross_entropy(head(h), labels)
+    h, labels = h.reshape(-1, h.size(-1)), labels.reshape(-1)  # (N, D), (N,)
+    total = sum(checkpoint(_chunk_loss, head, h[i:i + rows], labels[i:i + rows],
+                           use_reentrant=False) for i in range(0, labels.numel(), rows))
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def count_params(module: nn.Module, exclude: list[nn.Parameter]) -> int:
