@@ -41,15 +41,16 @@ def pick(logits: Tensor, temperature: float, top_k: int | None, top_p: float | N
 
 @torch.no_grad()
 def sample(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, seed: int = 0
-           ) -> Iterator[int]:
+           top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+           vocab: int | None = None) -> Iterator[int]:
     """Yield max_new_tokens tokens continuing `ids`, one at a time (the model sees at most its
-    max_seq_len last tokens)."""
+    max_seq_len last tokens); only ids below `vocab` (the tokenizer's: a model's vocabulary
+    may be padded past it) are drawn."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     window = model.cfg.max_seq_len
     for _ in range(max_new_tokens):
-        logits = model.logits(x[:, -window:])[0, -1]  # (V,)
+        logits = model.logits(x[:, -window:])[0, -1, :vocab]  # (V,)
         nxt = pick(logits.cpu(), temperature, top_k, top_p, generator)
         yield nxt
         x = torch.cat([x, x.new_tensor([[nxt]])], dim=1)
@@ -87,7 +88,7 @@ def continue_text(model: nn.Module, tok: Tokenizer, prompt: str, args: argparse.
         ids = [special_ids(tok, "bpe")["eos"]]
     stream, n = Stream(tok, sys.stdout), 0
     for token in sample(model, ids, args.max_new_tokens, args.temperature, args.top_k,
-                        args.top_p, args.seed):
+                        args.top_p, args.seed, tok.get_vocab_size()):
         stream.push(token)
         n += 1
     stream.close()
@@ -111,7 +112,8 @@ def fill_masks(model: nn.Module, tok: Tokenizer, prompt: str, top_k: int
         raise ConfigError(f"the prompt is {len(ids)} tokens, more than the model's "
                           f"max_seq_len={model.cfg.max_seq_len}")
     x = torch.tensor([ids], device=next(model.parameters()).device)
-    probs = torch.softmax(model.logits(x)[0, where].float().cpu(), dim=-1)
+    logits = model.logits(x)[0, where, :tok.get_vocab_size()]  # past it: vocabulary padding
+    probs = torch.softmax(logits.float().cpu(), dim=-1)
     top = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)
     choices = [[(tok.id_to_token(int(i)), float(p)) for p, i in zip(ps, idx)]
                for ps, idx in zip(top.values, top.indices)]
