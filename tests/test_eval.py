@@ -23,6 +23,7 @@ from lmforge.config import DataConfig
 from lmforge.data.loader import BlockLoader
 from lmforge.data.packing import bert_batch_seeded
 from lmforge.data.sources import load_stream
+from lmforge.data.tokenizer import train_tokenizer
 from lmforge.eval import main, token_bytes
 from lmforge.export import main as export_main
 from lmforge.weights import load_model
@@ -176,6 +177,30 @@ def test_two_ranks_give_the_one_rank_sums_per_source(trained: SimpleNamespace,
     alone = evaluate(capsys, trained.export, "data=files", f"data.paths=[{trained.texts[1]}]",
                      f"data.seq_len={SEQ}")
     assert alone["loss"] == pytest.approx(parts[1]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_shards_are_evaluated_by_their_validation_split(gpt2_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    corpus = random_corpus(tmp_path / "corpus.jsonl", 200, seed=4)
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, "-m", "lmforge.prepare", "shards", "--out", str(shards),
+                    "--tokenizer", str(gpt2_dir / "tokenizer.json"), "data=files",
+                    f"data.paths=[{corpus}]", "data.val_percent=20"],
+                   cwd=REPO, check=True, capture_output=True)
+    got = evaluate(capsys, gpt2_dir, "data=shards", f"data.shards_dir={shards}",
+                   f"data.seq_len={SEQ}")
+    # The same documents held out by content hash, packed the same way, read on the fly.
+    same = evaluate(capsys, gpt2_dir, "data=files", f"data.paths=[{corpus}]",
+                    "data.val_percent=20", f"data.seq_len={SEQ}")
+    held_out = json.loads((shards / "manifest.json").read_text())["splits"]["validation"]
+    assert got["split"] == same["split"] == "validation"
+    assert got["tokens"] == held_out["tokens"] // (SEQ + 1) * SEQ == same["tokens"] > 0
+    assert got["loss"] == pytest.approx(same["loss"], rel=1e-6)
+    other = tiny_hf(tmp_path, "llama")
+    train_tokenizer(corpus_text(200), "bpe", 280).save(str(other / "tokenizer.json"))
+    assert main([str(other), "data=shards", f"data.shards_dir={shards}"]) == 2
+    assert "were made with another tokenizer" in capsys.readouterr().err
 
 
 def test_bert_masks_are_seeded_so_runs_agree_and_match_transformers(
