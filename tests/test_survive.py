@@ -264,7 +264,7 @@ def test_a_dead_or_stalled_rank_stops_the_other_in_time(tmp_path: Path, how: str
     err = log.read_text().strip().splitlines()
     assert code == 4, "\n".join(err[-20:])
     assert err[-1].startswith("lmforge-train: rank 0 stops: ") and "rank 1" in err[-1], err[-1]
-    assert took < (15 if how == "SIGKILL" else timeout_s + 60), took
+    assert took < (30 if how == "SIGKILL" else timeout_s + 60), took
     victim.kill()
     victim.wait()
     _resumes_exactly(run, straight)

@@ -160,10 +160,10 @@ def summarize(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, vocab: i
 
 def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     """Tokenizer, model, summary, and (unless max_steps=0: a dry run) data and engine."""
+    check_precision(cfg.precision.dtype, info.device)
     log.info("run dir %s, world size %d, device %s (trainer.device=%s)", run_dir,
              info.world_size, info.device, cfg.trainer.device)
     claim_run_dir(run_dir, info)
-    check_precision(cfg.precision.dtype, info.device)
     corpus = open_corpus(cfg)
     tok = build_tokenizer(cfg, run_dir, info, corpus)
     vocab = tok.get_vocab_size()
