@@ -15,6 +15,18 @@ os.environ.update(WANDB_MODE="disabled", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE
                   TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionstart(session) -> None:
+    """Build DeepSpeed's CPU comm op once, before any test process starts DeepSpeed: test
+    processes racing to build it, or a test killing one mid-build, would leave torch's build
+    lock behind and every later DeepSpeed start waiting on it."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller built it
+        return
+    ext = Path(sys.prefix) / "torch_extensions"
+    subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; "
+                    "build_shm_op()"], check=True, capture_output=True,
+                   env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}, timeout=900)
 CONF = REPO / "conf"
 
 # Fast settings for end-to-end runs on 2 CPU cores.

@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -67,6 +68,20 @@ def launcher_env(env: dict[str, str] | None = None) -> dict[str, str]:
 EXIT_PEER = 4  # this rank stopped because another rank failed or stopped answering
 
 
+def _drop_stale_build_lock(ext_dir: Path, max_age_s: float = 900.0) -> None:
+    """torch's JIT build lock outlives a build that was killed (Ctrl-C, SIGKILL), and every
+    later DeepSpeed start then waits on it forever. A build takes ~100 s: a lock older than
+    15 minutes is such a leftover."""
+    for lock in ext_dir.glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                print(f"lmforge: removed a stale build lock {lock} (a killed JIT build)",
+                      file=sys.stderr)
+        except OSError:
+            pass
+
+
 def cuda_usable(device: str) -> bool:
     """Whether to run on CUDA for trainer.device; `cuda` without a usable GPU is refused
     (a GPU job must never train on CPU unnoticed)."""
@@ -100,6 +115,7 @@ def setup(timeout_s: float = 600.0, device: str = "auto") -> DistInfo:
         # machine do not rebuild it over each other.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                               os.path.join(sys.prefix, "torch_extensions"))
+        _drop_stale_build_lock(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world,
