@@ -41,13 +41,15 @@ class Size:
     def d_ff(self) -> int:
         return 4 * self.d_model  # what gpt_tiny's d_ff=null means; bert_tiny's must be set
 
-    def overrides(self, arch: str) -> list[str]:
+    def overrides(self, arch: str, trained: bool = False) -> list[str]:
+        """The size keys; the tokenizer keys only while its tokenizer is to be trained (with
+        tokenizer.path they would do nothing, which lmforge refuses)."""
         return [f"model.n_layers={self.n_layers}", f"model.n_heads={self.n_heads}",
                 f"model.d_model={self.d_model}",
                 *([f"model.d_ff={self.d_ff}"] if arch == "bert" else []),
                 f"model.vocab_size={self.vocab}", f"data.seq_len={self.seq_len}",
-                f"tokenizer.vocab_size={self.vocab}",
-                f"tokenizer.train_max_chars={self.train_max_chars}"]
+                *([] if trained else [f"tokenizer.vocab_size={self.vocab}",
+                                      f"tokenizer.train_max_chars={self.train_max_chars}"])]
 
 
 # bf16 matmuls are ~10x slower than fp32 on a CPU without AVX512_BF16, hence fewer bf16 steps.
@@ -67,7 +69,7 @@ def config(size: Size, arch: str, dtype: str, mb: int, steps: int,
     """The typed config lmforge-train would build for this benchmark."""
     from lmforge.config import compose
 
-    return compose(PRESET[arch] + size.overrides(arch) + [
+    return compose(PRESET[arch] + size.overrides(arch, trained=tok is not None) + [
         f"precision={dtype}", "parallel=zero0", "logging=quiet", f"trainer.micro_batch_size={mb}",
         f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.eval_batches=1",
         "trainer.sample_tokens=0"] + ([f"tokenizer.path={tok}"] if tok else []))
@@ -216,6 +218,8 @@ class Lockstep:
     """lmforge's loader: at each lmforge step boundary it runs one plain step and one Trainer
     step on the same batch index, then hands lmforge its batch. An lmforge step is timed from
     the return of one next() to the following call: the whole body of fit()'s loop."""
+
+    layout_free = True  # a fresh run dir: nothing to resume, any rank layout
 
     def __init__(self, batches: list[Batch], plain: Callable[[Batch], None],
                  hf: HFTrainerThread) -> None:
