@@ -153,3 +153,14 @@ def same_state(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
     return a == b
+
+
+class Payload:
+    """Unpickling this creates a file (open(path, "w")): what a crafted checkpoint or weights
+    file could do; the tests assert the file never appears."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.path), "w"))

@@ -14,7 +14,7 @@ import yaml
 from safetensors import safe_open
 from tokenizers import Tokenizer, models
 
-from conftest import REPO, TINY, run_distributed, train_runs
+from conftest import REPO, TINY, Payload, run_distributed, train_runs
 from lmforge.config import ModelConfig
 from lmforge.consolidate import consolidate, resolve, run_model_config
 from lmforge.export import TIED_COPIES, main
@@ -124,14 +124,6 @@ def fake_run(root: Path, model: dict, checkpoint: bool = True) -> Path:
     return root
 
 
-class Payload:
-    """Unpickling this opens (creates) a file: what an untrusted checkpoint could do."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple:
-        return (open, (str(self.path), "w"))
 
 
 def poisoned_run(tmp_path: Path, sharded: bool) -> Path:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 
-from conftest import REPO, TINY, read_metrics, run_train
+from conftest import REPO, TINY, Payload, read_metrics, run_train
 from hf_models import corpus_text, hf_model, tiny_hf
 from lmforge.assembly import pretrained_loader
 from lmforge.config import ConfigError, compose
@@ -221,14 +221,6 @@ def test_a_contradicting_override_stops_training_in_one_line(hf_dirs: dict[str, 
 
 # ------------------------------------------------------------------------------ bad input
 
-class Payload:
-    """Unpickling this creates a file: what a hostile pytorch_model.bin could do."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple:
-        return (open, (str(self.path), "w"))
 
 
 def spoil(src: Path, tmp_path: Path, case: str) -> Path:

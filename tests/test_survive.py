@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, read_metrics
+from conftest import REPO, TINY, Payload, read_metrics
 from lmforge.checkpoint import (SET_ASIDE, latest_good, load_trainer_state, pick_checkpoint,
                                 prune, verify, write_latest, write_manifest)
 from lmforge.config import ConfigError
@@ -82,14 +82,6 @@ def test_a_manifest_without_its_file_list_fails_verification(tmp_path: Path) -> 
     assert "file list" in verify(ckpt)
 
 
-class Payload:
-    """Unpickling this creates a file: the proof that a checkpoint ran code."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple:
-        return (open, (str(self.path), "w"))
 
 
 def test_a_poisoned_trainer_state_is_refused_unrun(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import Payload
 from lmforge.distributed import free_port
 
 
@@ -195,14 +196,6 @@ def test_deepspeed_zero3_universal_load_mixes_up_param_groups(tmp_path: Path) ->
         "the per-sub-group step clone in engine.py:Engine.load_universal")
 
 
-class Payload:
-    """Unpickling this creates a file: what an untrusted checkpoint could do."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple:
-        return (open, (str(self.path), "w"))
 
 
 def _poisoned_checkpoint(tmp_path: Path) -> Path:
