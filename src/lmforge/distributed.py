@@ -183,8 +183,11 @@ class Watchdog:
             os._exit(code)
 
     def report(self, msg: str, code: int, about: int | None = None) -> None:
-        """Tell every rank that rank `about` (default: this one) failed with `msg`."""
+        """Tell every rank that rank `about` (default: this one) failed with `msg`; this
+        rank's own exit is then its caller's, not the watchdog's."""
         about = self.rank if about is None else about
+        if about == self.rank:
+            self._stop.set()
         try:
             self.store.set(f"error/{about}", f"{code}|{msg}")
             self.store.add("failed", 1)

@@ -37,8 +37,7 @@ def main(cfg: DictConfig) -> None:
             code = EXIT_REQUEUE
         distributed.barrier()  # leave together: no rank tears down while a peer still talks
         release_run_dir(run_dir)
-    except ConfigError as e:
-        distributed.report_failure(f"config error: {one_line(e)}", EXIT_CONFIG)
+    except ConfigError as e:  # set-up checks fail alike on every rank: nothing to report
         fail(e)
     except NonFiniteError as e:
         logging.getLogger("lmforge").error("%s", e)
