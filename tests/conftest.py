@@ -20,13 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_sessionstart(session) -> None:
     """Build DeepSpeed's CPU comm op once, before any test process starts DeepSpeed: test
     processes racing to build it, or a test killing one mid-build, would leave torch's build
-    lock behind and every later DeepSpeed start waiting on it."""
+    lock behind and every later DeepSpeed start waiting on it. The CPU peak behind MFU is
+    measured here too, while the machine is quiet: measured under the tests' load it would
+    be low and a later, quieter run would exceed it."""
     if hasattr(session.config, "workerinput"):  # an xdist worker: the controller built it
         return
     ext = Path(sys.prefix) / "torch_extensions"
     subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; "
-                    "build_shm_op()"], check=True, capture_output=True,
+                    "build_shm_op(); from lmforge.metrics import TORCH_DTYPES, forget_cpu_peak, "
+                    "measure_cpu_peak_tflops as m\n"
+                    "for d in (TORCH_DTYPES[\"fp32\"], TORCH_DTYPES[\"bf16\"]): forget_cpu_peak(d); m(d)"],
+                   check=True, capture_output=True,
                    env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}, timeout=900)
+
 CONF = REPO / "conf"
 
 # Fast settings for end-to-end runs on 2 CPU cores.

@@ -155,6 +155,27 @@ def test_mfu_is_unknown_without_a_peak(monkeypatch) -> None:
     assert meter.report()["mfu"] is None
 
 
+def test_a_run_beating_the_cached_cpu_peak_drops_it(monkeypatch, tmp_path: Path, caplog) -> None:
+    """A peak measured on a busy machine is below what a later run reaches: MFU is then
+    unknown (not above 100%) and the cached peak is forgotten, so the next start measures."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "lmforge" / "peak.json"
+    measure_cpu_peak_tflops(torch.float32, n=64, reps=1)
+    measure_cpu_peak_tflops(torch.bfloat16, n=64, reps=1)
+    assert len(json.loads(cache.read_text())) == 2
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    meter = Throughput(1e9, 1, 0.5, torch.device("cpu"), measured_dtype=torch.float32)
+    meter.update(1000, 4, 0.0)
+    now[0] = 1.0  # 1 TFLOP/s against a 0.5 peak
+    out = meter.report()
+    assert out["mfu"] is None and "above the cached CPU peak" in caplog.text
+    assert [k.endswith("torch.bfloat16") for k in json.loads(cache.read_text())] == [True]
+    meter.update(100, 4, 0.0)
+    now[0] = 2.0
+    assert meter.report()["mfu"] is None  # and it stays unknown for this run
+
+
 def test_report_writes_png_from_partial_rows(tmp_path: Path) -> None:
     rows = [{"step": 1, "loss": 9.0, "tokens_per_s": 1000.0, "mfu": 0.1},
             {"step": 10, "loss": 7.5, "tokens_per_s": 1200.0},  # no mfu

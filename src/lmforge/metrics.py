@@ -82,10 +82,14 @@ def _cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmforge" / "peak.json"
 
 
+def _peak_key(dtype: torch.dtype) -> str:
+    return f"{platform.processor() or platform.machine()}|{os.cpu_count()}|" \
+           f"{torch.get_num_threads()}|{torch.__version__}|{dtype}"
+
+
 def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
     """Best matmul TFLOP/s of this CPU for `dtype`, measured once and cached on disk."""
-    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|" \
-          f"{torch.get_num_threads()}|{torch.__version__}|{dtype}"
+    key = _peak_key(dtype)
     path = _cache_path()
     cache = _read_cache(path)
     value = cache.get(key)
@@ -99,6 +103,19 @@ def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8) ->
         a @ b
         best = min(best, time.perf_counter() - t)
     cache[key] = 2 * n**3 / max(best, 1e-9) / 1e12
+    _write_cache(path, cache)
+    return cache[key]
+
+
+def forget_cpu_peak(dtype: torch.dtype) -> None:
+    """Drop this CPU's cached peak for `dtype`, so the next start measures it again."""
+    path = _cache_path()
+    cache = _read_cache(path)
+    if cache.pop(_peak_key(dtype), None) is not None:
+        _write_cache(path, cache)
+
+
+def _write_cache(path: Path, cache: dict) -> None:
     try:  # atomic, so a rank reading it never sees half; a read-only cache only costs time
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -106,7 +123,6 @@ def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8) ->
         os.replace(tmp, path)
     except OSError as e:
         log.debug("cannot cache the CPU peak in %s: %s", path, e)
-    return cache[key]
 
 
 def _read_cache(path: Path) -> dict:
@@ -122,6 +138,9 @@ def _read_cache(path: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> float:
     """Peak dense TFLOP/s of one device for `dtype` ("fp32" | "bf16" | "fp16")."""
     if override > 0:
@@ -132,8 +151,7 @@ def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> floa
             if all(part in name for part in key.split()):
                 return table[dtype]
         return 0.0  # unknown GPU: MFU is reported as unknown (null) rather than guessed
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    return measure_cpu_peak_tflops(torch_dtype)
+    return measure_cpu_peak_tflops(TORCH_DTYPES[dtype])
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
@@ -148,9 +166,11 @@ class Throughput:
     """Accumulates step timings between logs and reports window averages."""
 
     def __init__(self, flops_per_token: float, world_size: int, peak_tflops: float,
-                 device: torch.device, hardware_flops_per_token: float | None = None) -> None:
+                 device: torch.device, hardware_flops_per_token: float | None = None,
+                 measured_dtype: torch.dtype | None = None) -> None:
         self.fpt, self.world, self.peak, self.device = flops_per_token, world_size, peak_tflops, device
         self.hw_fpt = hardware_flops_per_token  # set when activations are recomputed
+        self.measured_dtype = measured_dtype  # the peak is this CPU's cached measurement
         self.reset()
 
     def reset(self) -> None:
@@ -181,6 +201,15 @@ class Throughput:
                "data_wait_frac": self.data_wait_s / elapsed}
         if self.hw_fpt and self.peak > 0:  # hardware FLOPs utilisation, recompute included
             out["hfu"] = tps / self.world * self.hw_fpt / 1e12 / self.peak
+        if self.measured_dtype is not None and tflops > self.peak:
+            # A run cannot beat the matmul peak: the cached one was measured on a busy machine.
+            log.warning("this run reaches %.3g TFLOP/s, above the cached CPU peak of %.3g (measured "
+                        "while the machine was busy): MFU is unknown for the rest of this run and "
+                        "the peak is measured again at the next start", tflops, self.peak)
+            forget_cpu_peak(self.measured_dtype)
+            self.peak, self.measured_dtype = 0.0, None
+            out["mfu"] = None
+            out.pop("hfu", None)
         out.update(memory_stats(self.device))
         self.reset()
         return out

@@ -22,7 +22,7 @@ from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, to_universal
 from lmforge.loggers import build_sinks
 from lmforge.manifest import sha256
-from lmforge.metrics import Throughput, peak_tflops
+from lmforge.metrics import TORCH_DTYPES, Throughput, peak_tflops
 
 log = logging.getLogger("lmforge")
 
@@ -72,10 +72,12 @@ class Trainer:
         self.last_loss, self.last_val, self.bad_steps = float("nan"), None, 0
         self.data_skipped = 0
         self.tokenizer_sha256 = sha256(run_dir / "tokenizer.json")
+        measured = info.device.type == "cpu" and cfg.logging.peak_tflops <= 0
         self.meter = Throughput(summary["flops_per_token"], info.world_size,
                                 peak_tflops(info.device, cfg.precision.dtype,
                                             cfg.logging.peak_tflops), info.device,
-                                summary.get("hardware_flops_per_token"))
+                                summary.get("hardware_flops_per_token"),
+                                TORCH_DTYPES[cfg.precision.dtype] if measured else None)
 
     def resume(self) -> None:
         """Continue from trainer.resume_from, or from this run's newest good checkpoint.
