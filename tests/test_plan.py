@@ -233,3 +233,14 @@ def test_check_refuses_a_run_predicted_not_to_fit_and_names_a_change_that_fits()
     assert fits(shape, configured(fixed, 1), local_hardware(fixed, torch.device("cpu"), 1))
     check_fits(fixed, zero, torch.device("cpu"), 1)  # the named change passes the check
     check_fits(refused_cfg("plan.check=false"), zero, torch.device("cpu"), 1)
+
+
+@pytest.mark.slow
+def test_trainer_refuses_before_building_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = run_train(tmp_path, *TINY, "model.vocab_size=512", "data.seq_len=256",
+                     "trainer.micro_batch_size=64", "plan.device_memory_gb=2", check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("lmforge-train: config error: predicted peak ")
+    assert "the cheapest change that fits: " in line and "plan.check=false" in line
+    assert not (tmp_path / "checkpoints").exists()

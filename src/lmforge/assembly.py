@@ -26,6 +26,7 @@ from lmforge.engine import Engine, check_precision, create_model, ds_config
 from lmforge.metrics import flops_per_token, head_fraction, model_state_gb
 from lmforge.models import build_model
 from lmforge.manifest import sha256
+from lmforge.plan import check_fits
 from lmforge.checkpoint import claim_run_dir, release_run_dir  # noqa: F401 (train.py's)
 from lmforge.trainer import Trainer, write_config, write_summary
 
@@ -152,6 +153,8 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     t, dry = cfg.trainer, cfg.trainer.max_steps == 0
     engine_cfg = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size,
                            t.grad_accum_steps, info.world_size, info.device.type == "cuda")
+    if not dry:  # a run predicted not to fit is refused before anything is allocated
+        check_fits(cfg, engine_cfg["zero_optimization"], info.device, info.world_size)
     torch.manual_seed(t.seed)
     if dry:  # sized on the meta device: no memory, any size
         with torch.device("meta"):
