@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from conftest import REPO, TINY, compose, run_train
 from lmforge.config import ConfigError
 from lmforge.metrics import PEAK_TFLOPS, flops_per_token
 from lmforge.models import build_model
-from lmforge.plan import (GB, Setting, activation_bytes, alternatives, check_fits, configured,
-                          fits, local_hardware, make_plan, memory, planned_hardware, shape_of)
+from lmforge.plan import (ALLREDUCE_BUCKET, DS_DEFAULTS, GB, Setting, activation_bytes,
+                          alternatives, check_fits, configured, fits, local_hardware, make_plan,
+                          memory, planned_hardware, shape_of)
 from test_upstream import deepspeed  # noqa: F401  (the fixture: DeepSpeed on a gloo group of one)
 
 SEQ, BATCH = 128, 2
@@ -132,6 +134,19 @@ def test_model_state_formulas_match_deepspeed(deepspeed, stage: int, dtype: str)
     assert frac == {"params": 1.0, "optimizer_state": 1.0}
 
 
+def test_deepspeed_defaults_are_the_plans(deepspeed) -> None:
+    """The plan reads DeepSpeed's buffer sizes without importing it (engine.py is the only
+    importer): a DeepSpeed that changes them fails here."""
+    from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = DeepSpeedZeroConfig()
+    assert zero.reduce_bucket_size == DS_DEFAULTS["reduce_bucket_size"]
+    assert zero.max_reuse_distance == DS_DEFAULTS["stage3_max_reuse_distance"]
+    assert zero.param_persistence_threshold == DS_DEFAULTS["stage3_param_persistence_threshold"]
+    assert MEMORY_OPT_ALLREDUCE_SIZE == ALLREDUCE_BUCKET
+
+
 def test_zero_stages_shard_as_deepspeed_does_on_eight_ranks() -> None:
     cfg = compose(["model=gpt2_350m", "model.vocab_size=50257", "precision=bf16",
                    "plan.gpus_per_node=8"])
@@ -237,8 +252,12 @@ def test_check_refuses_a_run_predicted_not_to_fit_and_names_a_change_that_fits()
 
 @pytest.mark.slow
 def test_trainer_refuses_before_building_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    # A single process: not the rendezvous of this module's DeepSpeed fixture.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     proc = run_train(tmp_path, *TINY, "model.vocab_size=512", "data.seq_len=256",
-                     "trainer.micro_batch_size=64", "plan.device_memory_gb=2", check=False)
+                     "trainer.micro_batch_size=64", "plan.device_memory_gb=2", check=False,
+                     env=env)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("lmforge-train: config error: predicted peak ")

@@ -22,10 +22,11 @@ from lmforge.models.layers import ff_dim, kv_heads
 
 GB = 2**30
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# End-to-end compute MFU measured with lmforge (bench/plan_accuracy.py, calibration model GPT
-# 6L/d384, seq 256, micro batch 8, one process, the optimizer's time taken out) on a 2-core
-# AMD EPYC (Zen4, AVX512_BF16) against its measured matmul peak. GPUs: not measured by us.
-MEASURED_MFU = {"cpu": {"fp32": 0.75, "bf16": 0.37}}
+# Compute MFU measured with lmforge by bench/plan_accuracy.py: the calibration model (GPT
+# 6L/d384, seq 256, micro batch 8, one process of one thread, ZeRO-0), its step in CPU time
+# less the optimizer's modelled time, against one core's measured matmul peak, on a 2-core
+# AMD EPYC (Zen4, AVX512_BF16) shared with other jobs. GPUs: not measured by us.
+MEASURED_MFU = {"cpu": {"fp32": 0.81, "bf16": 0.45}}
 ASSUMED_MFU = 0.40  # a typical dense-transformer MFU with DeepSpeed on recent GPUs
 # Collective (bus) bandwidth per device in GB/s when plan.bandwidth_gb_s is unset: NVLink or
 # PCIe within a node (roughly nccl-tests' all-reduce bus bandwidth), one 400 Gb/s NIC per GPU
