@@ -42,6 +42,10 @@ QUICK = {"model": ["model=gpt_tiny", "model.n_layers=2", "model.d_model=64", "mo
                          "trainer.micro_batch_size=2"],
          "tok_chars": 2_000_000, "runs": [("bf16", 3, 2)]}
 STEPS = 3
+# Every process runs one thread (torchrun's default for several per machine): on 2 cores
+# shared with other jobs a second thread mostly waits at barriers, and the CPU time of one
+# thread per step is what an idle core would take, whatever the load.
+THREADS = 1
 # glibc keeps freed blocks under its dynamic mmap threshold (up to 32 MB) in the heap, so
 # resident memory runs ahead of live tensors; a fixed threshold returns every tensor of
 # 128 kB or more to the system when freed, so RSS tracks what is allocated (as a GPU's
@@ -73,12 +77,22 @@ def worker(mode: str, run_dir: str, out: str, args: list[str]) -> None:
     init_distributed(info.device)  # both modes: DeepSpeed's comm set-up is not the model's
     cfg = compose(args + [f"trainer.max_steps={0 if mode == 'dry' else STEPS}"])
     trainer = build(cfg, Path(run_dir), info)
-    rss = {}
+    rss, cpu_s = {}, []
     if trainer is not None:
         # The final checkpoint is not training: the peak is read where it would start.
         trainer.save = lambda: rss.setdefault("gb", peak_rss_gb())
+        step = trainer.engine.train_step
+
+        def timed(micro: list) -> Any:  # CPU time: what other jobs on the cores leave alone
+            t = time.process_time()
+            out = step(micro)
+            cpu_s.append(time.process_time() - t)
+            return out
+
+        trainer.engine.train_step = timed
         trainer.fit()
-    result = {"rank": info.rank, "peak_rss_gb": rss.get("gb", peak_rss_gb())}
+    result = {"rank": info.rank, "peak_rss_gb": rss.get("gb", peak_rss_gb()),
+              "step_cpu_s": cpu_s}
     metrics = Path(run_dir) / "metrics.jsonl"
     if info.is_main and metrics.is_file():
         result["step_time_s"] = [json.loads(line)["step_time_s"]
@@ -110,8 +124,7 @@ def launch(mode: str, ranks: int, run_dir: Path, args: list[str],
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "PYTHONPATH": str(REPO / "src")}
-        if ranks > 1:
-            env["OMP_NUM_THREADS"] = "1"
+        env["OMP_NUM_THREADS"] = "1"  # see THREADS
         env.update(env_extra or {})
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--worker", mode, str(run_dir), str(out), *args],
@@ -135,20 +148,19 @@ def make_tokenizer(size: dict, work: Path) -> Path:
     return work / "tokenizer.json"
 
 
-def cpu_peaks(threads: list[int], reps: int) -> dict[str, float]:
-    """This CPU's matmul peak now (best of `reps`), per dtype and thread count."""
+def cpu_peaks(reps: int) -> dict[str, float]:
+    """One core's matmul peak now (best of `reps`, one thread), per dtype."""
     out, before = {}, torch.get_num_threads()
-    for t in threads:
-        torch.set_num_threads(t)
-        for dtype, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            a, b = torch.randn(1024, 1024, dtype=tdt), torch.randn(1024, 1024, dtype=tdt)
+    torch.set_num_threads(THREADS)
+    for dtype, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(1024, 1024, dtype=tdt), torch.randn(1024, 1024, dtype=tdt)
+        a @ b
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
             a @ b
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                a @ b
-                best = min(best, time.perf_counter() - t0)
-            out[f"{dtype}/{t}"] = 2 * 1024**3 / best / 1e12
+            best = min(best, time.perf_counter() - t0)
+        out[dtype] = 2 * 1024**3 / best / 1e12
     torch.set_num_threads(before)
     return out
 
@@ -166,14 +178,20 @@ def planned(args: list[str], ranks: int, peak: float, mfu: float | None = None
 
 
 def step_s(train: list[dict]) -> float:
-    """Rank 0's median step; the first also warms up (Adam state, ZeRO-3's trace)."""
+    """Rank 0's median step (wall clock); the first also warms up (Adam state, traces)."""
     return statistics.median(train[0]["step_time_s"][1:])
 
 
+def cpu_step_s(train: list[dict]) -> float:
+    """Rank 0's median step in CPU time (one thread): what the step takes on an idle core,
+    however much of the cores other jobs take meanwhile."""
+    return statistics.median(train[0]["step_cpu_s"][1:])
+
+
 def calibrate(args: list[str], ranks: int, work: Path, peak: float) -> float:
-    """The compute MFU of a run measured now: its step time less the plan's communication
-    and optimizer times, against the FLOPs at the measured peak."""
-    step = step_s(launch("train", ranks, work, args))
+    """The compute MFU of a run measured now: its step (CPU time per thread) less the plan's
+    communication and optimizer times, against the FLOPs at the measured peak."""
+    step = cpu_step_s(launch("train", ranks, work, args))
     plan = planned(args, ranks, peak)
     t, mfu = plan["time_s"], plan["hardware"]["mfu"]
     return t["compute_s"] * mfu / max(step - t["comm_s"] - t["optimizer_s"], 1e-6)
@@ -184,10 +202,9 @@ def measure_run(size: dict, dtype: str, stage: int, ranks: int, tok: Path, work:
     args = overrides(shape(size), dtype, stage, tok)
     name = f"{dtype}_zero{stage}_{ranks}r"
     out: dict[str, Any] = {"config": name, "loadavg_before": os.getloadavg()[0]}
-    threads = torch.get_num_threads() if ranks == 1 else 1
     # Right before the timed run, under the same load: this CPU's peak, and the MFU of the
     # calibration model run the same way (dtype, stage, ranks).
-    peak = cpu_peaks([threads], reps)[f"{dtype}/{threads}"]
+    peak = cpu_peaks(reps)[dtype]
     calib = overrides(size["calibration"], dtype, stage, tok)
     out.update(peak_tflops_now=peak, mfu_now=calibrate(calib, ranks, work / f"{name}_calib",
                                                        peak))
@@ -199,7 +216,9 @@ def measure_run(size: dict, dtype: str, stage: int, ranks: int, tok: Path, work:
                        "dry_rss_gb": [d["peak_rss_gb"] for d in dry],
                        "train_rss_gb": [t["peak_rss_gb"] for t in train]}
         if malloc == "glibc_default":
-            out.update(step_times_s=train[0]["step_time_s"], measured_step_s=step_s(train))
+            out.update(step_times_s=train[0]["step_time_s"], measured_step_s=step_s(train),
+                       step_cpu_s=train[0]["step_cpu_s"],
+                       measured_cpu_step_s=cpu_step_s(train))
     plan = planned(args, ranks, peak)
     paired = planned(args, ranks, peak, out["mfu_now"])
     out.update(predicted_peak_gb=plan["per_rank_gb"]["peak"], per_rank_gb=plan["per_rank_gb"],
@@ -208,7 +227,8 @@ def measure_run(size: dict, dtype: str, stage: int, ranks: int, tok: Path, work:
     for malloc in MALLOC:
         out[malloc]["ratio"] = out["predicted_peak_gb"] / max(out[malloc]["growth_gb"])
     out["step_ratio"] = out["predicted_step_s"] / out["measured_step_s"]
-    out["paired_step_ratio"] = out["paired_step_s"] / out["measured_step_s"]
+    out["cpu_step_ratio"] = out["predicted_step_s"] / out["measured_cpu_step_s"]
+    out["paired_step_ratio"] = out["paired_step_s"] / out["measured_cpu_step_s"]
     return out
 
 
@@ -242,7 +262,8 @@ def report(result: dict[str, Any], quick: bool) -> None:
     mark = "  (quick: meaningless)" if quick else ""
     print(f"CPU: {result['cpu']}, {result['cores']} cores; loadavg at start "
           f"{result['loadavg_start']:.2f} (other jobs share these cores)")
-    print("peaks now (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["peaks"].items()))
+    print("one core's peak now (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["peaks"].items())
+          + "; every process runs one thread")
     print("calibration model's compute MFU now (1 process, ZeRO-0): " + ", ".join(
         f"{k} {v:.3f}" for k, v in result["calibration_mfu"].items())
         + f" (lmforge.plan.MEASURED_MFU['cpu']: {result['table_mfu']})")
@@ -258,13 +279,15 @@ def report(result: dict[str, Any], quick: bool) -> None:
             f"{r[m]['ratio']:.3f}x" for m in MALLOC)
         print(f"  memory {r['config']:<15} predicted {r['predicted_peak_gb']:6.2f} GB, measured "
               f"{measured}{mark}")
-        print(f"  step   {r['config']:<15} predicted {r['predicted_step_s']:6.2f} s   measured "
-              f"{r['measured_step_s']:.2f} s  {r['step_ratio']:.3f}x; with the MFU measured "
-              f"just before ({r['mfu_now']:.3f}): {r['paired_step_s']:.2f} s  "
-              f"{r['paired_step_ratio']:.3f}x (peak now {r['peak_tflops_now']:.3f} TFLOP/s, "
-              f"loadavg {r['loadavg_before']:.1f}->{r['loadavg_after']:.1f}){mark}")
+        print(f"  step   {r['config']:<15} predicted {r['predicted_step_s']:6.2f} s, measured "
+              f"{r['measured_step_s']:.2f} s wall {r['step_ratio']:.3f}x, "
+              f"{r['measured_cpu_step_s']:.2f} s CPU time {r['cpu_step_ratio']:.3f}x;"
+              f" at the calibration model's MFU now ({r['mfu_now']:.3f}) "
+              f"{r['paired_step_s']:.2f} s {r['paired_step_ratio']:.3f}x (peak "
+              f"{r['peak_tflops_now']:.3f} TFLOP/s, loadavg {r['loadavg_before']:.1f}->"
+              f"{r['loadavg_after']:.1f}){mark}")
     print("ratios are predicted / measured; targets: memory within 15%, activations within 10%, "
-          "step time within 25% (the step time moves with the load of other jobs)")
+          "step time within 25% (wall time moves with other jobs' load, CPU time much less)")
 
 
 def main() -> None:
@@ -284,14 +307,14 @@ def main() -> None:
         work = Path(tmp)
         tok = make_tokenizer(size, work)
         reps = 3 if a.quick else 20
-        peaks = cpu_peaks(sorted({1, torch.get_num_threads()}), reps)
+        peaks = cpu_peaks(reps)
         result: dict[str, Any] = {
             "cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg()[0],
             "peaks": peaks, "table_mfu": MEASURED_MFU["cpu"], "activations": [], "runs": [],
             "calibration_mfu": {}}
         for dtype in ("fp32", "bf16"):  # what MEASURED_MFU holds, measured again now
             args = overrides(size["calibration"], dtype, 0, tok)
-            peak = peaks[f"{dtype}/{torch.get_num_threads()}"]
+            peak = peaks[dtype]
             result["calibration_mfu"][dtype] = calibrate(args, 1, work / f"calib_{dtype}", peak)
         for dtype in ("fp32", "bf16"):
             for ckpt in (False, True):
