@@ -226,6 +226,16 @@ def test_cli_writes_plan_json_into_the_training_run_dir(tmp_path: Path) -> None:
     assert "plan.gpu='B300' is not a known kind" in bad.stderr
 
 
+def test_readme_plan_example_is_what_the_command_prints(tmp_path: Path) -> None:
+    text = (REPO / "README.md").read_text().split("## Plan a run", 1)[1]
+    command = re.search(r"```bash\n\.venv/bin/lmforge-plan (.*?)\n", text).group(1).split()
+    printed = re.search(r"```\n(gpt .*?)\n```", text, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-m", "lmforge.plan", *command, "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().rsplit("\n", 1)[0] == printed.strip()
+
+
 def refused_cfg(*extra: str):
     """A gpt_tiny run whose activations (micro batch 64 x 256 tokens) need more than the
     device memory it claims: 1.5 GB for the runtime plus 0.5 GB."""
