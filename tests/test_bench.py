@@ -20,6 +20,8 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py"))
 EXPECTED = {
     "throughput.py": {"gpt fp32": 2, "gpt bf16": 2, "bert fp32": 2, "bert bf16": 2},
     "data_throughput.py": {"tokenizer_encode": 1, "on_the_fly_loader": 1, "shard_loader": 1},
+    "plan_accuracy.py": {"activations fp32 ": 1, "activations bf16+ckpt": 1,
+                         "memory bf16_zero3_2r": 2, "step   bf16_zero3_2r": 3},
 }
 RATIO = re.compile(r"(?<![\w.])([-+]?(?:\d[\d,]*(?:\.\d*)?|nan|inf))x(?!\w)")
 ENV = {"WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
@@ -36,7 +38,7 @@ def results_snapshot() -> dict[str, tuple[int, int]]:
 
 
 def test_every_script_is_found():
-    assert {"throughput.py", "data_throughput.py"} <= set(SCRIPTS)
+    assert {"throughput.py", "data_throughput.py", "plan_accuracy.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.slow

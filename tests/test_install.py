@@ -129,6 +129,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(source: Path, tmp_path: Pa
     _run([py.parent / "lmforge-train", "model=gpt2_124m", "model.vocab_size=50257",
           "trainer.max_steps=0", f"hydra.run.dir={run}", "logging=quiet"], cwd=elsewhere)
     assert json.loads((run / "summary.json").read_text())["n_params"] == GPT2_124M_PARAMS
+    _run([py.parent / "lmforge-plan", "model=gpt2_124m", "model.vocab_size=50257", "--out", run],
+         cwd=elsewhere)
+    assert json.loads((run / "plan.json").read_text())["n_params"] == GPT2_124M_PARAMS
 
 
 def test_editable_install_reads_the_checkout_conf(source: Path, tmp_path: Path) -> None:

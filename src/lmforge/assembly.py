@@ -30,6 +30,7 @@ from lmforge.models import build_model
 from lmforge.manifest import sha256
 from lmforge.pretrained import resolve_source
 from lmforge.weights import copy_weights, load_weights
+from lmforge.plan import check_fits
 from lmforge.checkpoint import claim_run_dir, release_run_dir  # noqa: F401 (train.py's)
 from lmforge.trainer import Trainer, write_config, write_summary
 
@@ -178,6 +179,8 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     engine_cfg = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size,
                            t.grad_accum_steps, info.world_size, info.device.type == "cuda",
                            cfg.model.d_model)
+    if not dry:  # a run predicted not to fit is refused before anything is allocated
+        check_fits(cfg, engine_cfg["zero_optimization"], info.device, info.world_size)
     torch.manual_seed(t.seed)
     if dry:  # sized on the meta device: no memory, any size
         with torch.device("meta"):

@@ -192,6 +192,21 @@ class TrainerConfig:
 
 
 @dataclass
+class PlanConfig:
+    """What lmforge-plan plans for (hardware, budget, goal). A training run checks its plan
+    before it starts (`check`) on the device it actually runs on, with `device_memory_gb`."""
+    gpu: str = "H100"  # a kind from lmforge.metrics.PEAK_TFLOPS ("H100_SXM" = "H100 SXM"), or cpu
+    gpus_per_node: int = 8  # cpu: processes per machine (they share its cores and memory)
+    nodes: int = 1
+    bandwidth_gb_s: Optional[float] = None  # collective (bus) bandwidth per device; None = by kind
+    price_per_gpu_hour: float = 2.5  # USD; a rough cloud H100 price, set your own
+    target_tokens: Optional[int] = None  # None = 20 tokens per parameter (Chinchilla)
+    device_memory_gb: Optional[float] = None  # None = the kind's (cpu: RAM / gpus_per_node)
+    mfu: Optional[float] = None  # None = measured for the kind where known, else assumed
+    check: bool = True  # refuse to start a run predicted not to fit (one line, exit 2)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,6 +216,7 @@ class TrainConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def conf_dir() -> Path:
@@ -257,6 +273,16 @@ def compose_dict(overrides: list[str] | None = None, config_dir: str | None = No
     extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return hydra_compose(config_name, overrides=extra + list(overrides or []))
+
+
+def run_dir(overrides: list[str] | None = None) -> Path:
+    """The run dir `lmforge-train` uses for these overrides (Hydra's run.dir, resolved)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides or []), return_hydra_config=True)
+        return Path(cfg.hydra.run.dir)
 
 
 def check_cli(argv: list[str]) -> None:
@@ -349,12 +375,13 @@ CHOICES = {
 POSITIVE = ["model.n_layers", "model.n_heads", "model.d_model", "model.max_seq_len",
             "data.seq_len", "tokenizer.vocab_size", "trainer.micro_batch_size",
             "trainer.grad_accum_steps", "trainer.log_every", "trainer.max_bad_steps", "trainer.eval_batches",
-            "trainer.dist_timeout_s", "optim.lr", "tokenizer.train_max_chars", "model.norm_eps"]
+            "trainer.dist_timeout_s", "optim.lr", "tokenizer.train_max_chars", "model.norm_eps",
+            "plan.gpus_per_node", "plan.nodes"]
 NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",
                 "trainer.save_every_min",
                 "trainer.sample_tokens", "trainer.keep_last", "data.shuffle_buffer", "data.num_workers", "optim.warmup_steps", "optim.weight_decay",
                 "optim.grad_clip", "optim.eps", "model.type_vocab_size",
-                "model.init_std"]
+                "model.init_std", "plan.price_per_gpu_hour"]
 # Optional keys: None means "derive it"; a value must be > 0.
 POSITIVE_IF_SET = ["model.d_ff", "model.n_kv_heads", "model.vocab_size",
                    "trainer.global_batch_size"]
@@ -509,5 +536,9 @@ def validate(cfg: Any) -> None:
            "parallel.offload_params needs parallel.zero_stage=3")
     _check(not p.offload_optimizer or p.zero_stage >= 1,
            "parallel.offload_optimizer needs parallel.zero_stage >= 1")
+    for key in ("bandwidth_gb_s", "target_tokens", "device_memory_gb", "mfu"):
+        value = getattr(cfg.plan, key)
+        _check(value is None or value > 0, f"plan.{key}={value} must be > 0 (or null)")
+    _check(cfg.plan.mfu is None or cfg.plan.mfu <= 1, f"plan.mfu={cfg.plan.mfu} must be <= 1")
     for problem in _unused(cfg)[:1]:
         raise ConfigError(problem)

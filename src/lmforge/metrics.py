@@ -30,6 +30,25 @@ PEAK_TFLOPS = {
     "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
     "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
 }
+# Memory per device in GiB as torch.cuda reports it (a little under the data sheets' GB),
+# and memory bandwidth in GB/s from the data sheets (80 GB A100, 32 GB V100).
+DEVICE_MEMORY_GB = {"H200": 139.8, "H100 SXM": 79.6, "H100 PCIe": 79.6, "H100 NVL": 93.6,
+                    "H100": 79.6, "A100": 79.2, "L40S": 44.4, "A10G": 22.0, "V100": 31.7}
+MEMORY_BW_GB_S = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0,
+                  "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "A10G": 600.0, "V100": 900.0}
+
+
+def gpu_kind(name: str) -> str | None:
+    """The PEAK_TFLOPS key a GPU name means: a key itself, any case, "_" or "-" for spaces
+    ("h100_sxm"), or a CUDA device name ("NVIDIA H100 80GB HBM3"); None if unknown."""
+    wanted = name.replace("_", " ").replace("-", " ").lower().split()
+    for key in PEAK_TFLOPS:
+        if key.lower().split() == wanted:
+            return key
+    for key in PEAK_TFLOPS:  # most specific first: "H100 PCIe" before "H100"
+        if all(part.lower() in name.lower() for part in key.split()):
+            return key
+    return None
 
 
 def block_matmul_params(cfg: ModelConfig) -> int:
@@ -82,26 +101,35 @@ def _cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmforge" / "peak.json"
 
 
-def _peak_key(dtype: torch.dtype) -> str:
+def _peak_key(dtype: torch.dtype, threads: int | None = None) -> str:
     return f"{platform.processor() or platform.machine()}|{os.cpu_count()}|" \
-           f"{torch.get_num_threads()}|{torch.__version__}|{dtype}"
+           f"{threads or torch.get_num_threads()}|{torch.__version__}|{dtype}"
 
 
-def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
-    """Best matmul TFLOP/s of this CPU for `dtype`, measured once and cached on disk."""
-    key = _peak_key(dtype)
+def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8,
+                            threads: int | None = None) -> float:
+    """Best matmul TFLOP/s of this CPU for `dtype` with `threads` threads (default: torch's
+    current number), measured once and cached on disk."""
+    threads = threads or torch.get_num_threads()
+    key = _peak_key(dtype, threads)
     path = _cache_path()
     cache = _read_cache(path)
     value = cache.get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6:
         return float(value)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)  # the run's RNG stream stays untouched
+        a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
         a @ b
-        best = min(best, time.perf_counter() - t)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
     cache[key] = 2 * n**3 / max(best, 1e-9) / 1e12
     _write_cache(path, cache)
     return cache[key]
@@ -146,11 +174,9 @@ def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> floa
     if override > 0:
         return override
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, table in PEAK_TFLOPS.items():
-            if all(part in name for part in key.split()):
-                return table[dtype]
-        return 0.0  # unknown GPU: MFU is reported as unknown (null) rather than guessed
+        kind = gpu_kind(torch.cuda.get_device_name(device))
+        # unknown GPU: MFU is reported as unknown (null) rather than guessed
+        return PEAK_TFLOPS[kind][dtype] if kind else 0.0
     return measure_cpu_peak_tflops(TORCH_DTYPES[dtype])
 
 
