@@ -185,6 +185,9 @@ class TrainerConfig:
     dist_timeout_s: float = 600.0  # a collective or a silent rank older than this ends the job
     device: str = "auto"  # auto (CUDA when usable, else CPU) | cuda (refused without CUDA) | cpu
     max_bad_steps: int = 5  # non-finite loss/grad steps in a row before the run stops
+    # Steps between reads of the on-device health (non-finite streak) and of stop requests:
+    # other steps make no host-device sync in lmforge. Log, eval and save steps read too.
+    check_every: int = 10
     log_every: int = 10
     seed: int = 1337
     sample_tokens: int = 64  # GPT text sample printed at the end; 0 disables
@@ -375,6 +378,7 @@ CHOICES = {
 POSITIVE = ["model.n_layers", "model.n_heads", "model.d_model", "model.max_seq_len",
             "data.seq_len", "tokenizer.vocab_size", "trainer.micro_batch_size",
             "trainer.grad_accum_steps", "trainer.log_every", "trainer.max_bad_steps", "trainer.eval_batches",
+            "trainer.check_every",
             "trainer.dist_timeout_s", "optim.lr", "tokenizer.train_max_chars", "model.norm_eps",
             "plan.gpus_per_node", "plan.nodes"]
 NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",

@@ -3,6 +3,7 @@ the final sample and summary. `lmforge.assembly.build()` hands it everything it 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from lmforge import checkpoint, distributed
@@ -29,6 +31,39 @@ log = logging.getLogger("lmforge")
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps."""
+
+
+class Health:
+    """Non-finite steps counted on the device, so that a quiet step waits on nothing: read
+    (with any stop flags, one all-reduce and one copy) only at check points."""
+
+    def __init__(self, device: torch.device, dtype: str) -> None:
+        zero = functools.partial(torch.zeros, (), dtype=torch.int32, device=device)
+        self.streak, self.worst, self.total = zero(), zero(), zero()
+        self.fp16, self.read_at = dtype == "fp16", 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def update(self, loss: torch.Tensor, applied: bool) -> None:
+        """One step's loss (this rank's) and whether the engine applied its update."""
+        bad = (~torch.isfinite(loss.detach())).int()
+        # fp16 overflow skips are loss scaling at work, not a broken run.
+        if not (applied or self.fp16):
+            bad = torch.ones_like(bad)
+        if self.world > 1:  # every rank counts the same steps (a collective, not a sync)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.streak = (self.streak + 1) * bad
+        self.worst = torch.maximum(self.worst, self.streak)
+        self.total += bad
+
+    def read(self, flags: list[bool]) -> list[int]:
+        """[current streak, longest streak since the last read, total, *flags (any rank)]."""
+        t = torch.cat([torch.stack([self.streak, self.worst, self.total]),
+                       torch.tensor([int(f) for f in flags], dtype=torch.int32,
+                                    device=self.streak.device)])
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.worst = self.streak.clone()
+        return t.tolist()
 
 
 class StopSignals:
@@ -197,7 +232,8 @@ class Trainer:
         sinks = self._sinks()
         self.meter.reset()
         self.last_save = time.monotonic()
-        window, n, bad = torch.zeros((), device=self.info.device), 0, 0
+        window, n = torch.zeros((), device=self.info.device), 0
+        health = Health(self.info.device, self.cfg.precision.dtype)
         while self.step < t.max_steps:
             distributed.mark(f"step {self.step + 1}")
             t0 = time.perf_counter()
@@ -207,24 +243,28 @@ class Trainer:
             self.step += 1
             self.tokens += self.tokens_per_step
             self.meter.update(self.tokens_per_step, self.samples_per_step, wait)
-            bad = self._check_finite(loss, applied, bad)
+            health.update(loss, applied)
             window, n = window + loss, n + 1
+            log_now = self.step % t.log_every == 0 or self.step in (1, t.max_steps)
+            eval_now = (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps
+            due = bool(t.save_every and self.step % t.save_every == 0)
+            if not (log_now or eval_now or due or self.step % t.check_every == 0):
+                continue  # a quiet step: nothing read back from the device
+            # Rank 0's clock decides time-based saves: every rank must agree.
+            due_by_time = self.info.is_main and t.save_every_min > 0 and \
+                time.monotonic() - self.last_save >= 60 * t.save_every_min
+            stop, due_by_time, streak = self._read_health(health, signals, due_by_time)
+            due = due or due_by_time
             metrics: dict[str, Any] = {}
-            if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
+            if log_now:
                 metrics.update(self._train_metrics(window / n, grad_norm))
                 window, n = torch.zeros_like(window), 0
-            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+            if eval_now:
                 metrics.update(self.evaluate())
             for s in sinks if metrics else []:
                 s.log(self.step, metrics)
-            # Rank 0's clock decides time-based saves: every rank must agree.
-            due = self.info.is_main and t.save_every_min > 0 and \
-                time.monotonic() - self.last_save >= 60 * t.save_every_min
-            stop, due = distributed.any_rank([signals.received is not None, due],
-                                             self.info.device)
-            due = due or bool(t.save_every and self.step % t.save_every == 0)
             # No checkpoint in a non-finite streak: the last one stays the last good one.
-            if due and not stop and self.step < t.max_steps and bad == 0:
+            if due and not stop and self.step < t.max_steps and streak == 0:
                 self.save()  # a signal during it stops the run now, without another save
                 stop = distributed.any_rank([signals.received is not None], self.info.device)[0]
             if stop:
@@ -239,21 +279,23 @@ class Trainer:
         self._finish(sinks)
         return self.summary
 
-    def _check_finite(self, loss: torch.Tensor, applied: bool, bad: int) -> int:
-        """Count consecutive steps whose loss or gradient was not finite (their updates
-        were skipped); too many in a row stop the run, keeping the last good checkpoint."""
-        finite = bool(torch.isfinite(distributed.all_reduce_mean(loss)).item())
-        # fp16 overflow skips are loss scaling at work, not a broken run.
-        if finite and (applied or self.cfg.precision.dtype == "fp16"):
-            return 0
-        self.bad_steps += 1
-        log.warning("step %d: non-finite %s; update skipped (%d in a row)", self.step,
-                    "loss" if not finite else "gradient", bad + 1)
-        if bad + 1 >= self.cfg.trainer.max_bad_steps:
-            raise NonFiniteError(f"{bad + 1} steps in a row had a non-finite loss or gradient "
-                                 f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); "
-                                 f"the last good checkpoint is kept in {self.ckpt_dir}")
-        return bad + 1
+    def _read_health(self, health: "Health", signals: type[StopSignals], due: bool
+                     ) -> tuple[bool, bool, int]:
+        """(stop, save due, current non-finite streak), agreed by every rank in one read.
+        Too many non-finite steps in a row stop the run, keeping the last good checkpoint."""
+        streak, worst, total, stop, due = health.read([signals.received is not None, due])
+        if total > self.bad_steps:
+            log.warning("step %d: %d more step(s) with a non-finite %s since step %d; updates "
+                        "skipped (%d in a row now)", self.step, total - self.bad_steps,
+                        "loss or gradient", health.read_at, streak)
+            self.bad_steps = total
+        health.read_at = self.step
+        limit = self.cfg.trainer.max_bad_steps
+        if worst >= limit:
+            raise NonFiniteError(f"{worst} steps in a row had a non-finite loss or gradient "
+                                 f"(trainer.max_bad_steps={limit}); the last good checkpoint "
+                                 f"is kept in {self.ckpt_dir}")
+        return bool(stop), bool(due), streak
 
     def _train_metrics(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> dict[str, Any]:
         self.last_loss = distributed.all_reduce_mean(loss).item()
