@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY, compose, random_corpus, read_metrics, run_train
+from conftest import (TINY, compose, random_corpus, read_metrics, run_distributed, run_train,
+                      train_runs)
 from lmforge.config import ConfigError, SourceConfig, one_line, source_names
 from lmforge.data.loader import BlockLoader
 from lmforge.data.sources import load_stream
@@ -146,3 +147,20 @@ def test_renaming_a_mixture_source_still_resumes() -> None:
 
     assert guard("data.sources=[{path: a.jsonl}]") == \
         guard("data.sources=[{name: a, path: a.jsonl}]")
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_ranks_evaluate_only_what_both_can_read(tmp_path: Path) -> None:
+    """Each set is cut to the batches every rank has (ZeRO-3 forwards are collectives): a set
+    of one document, which only rank 0 reads, is not logged, and nothing waits on it."""
+    many = random_corpus(tmp_path / "many.jsonl", 60, seed=4, lengths=(40, 80), words=FRUIT)
+    one = random_corpus(tmp_path / "one.jsonl", 1, seed=5, lengths=(2000, 2000), words=METAL)
+    run = tmp_path / "run"
+    logs = run_distributed(train_runs, 2, [(run, [
+        *TINY, "parallel=zero3", "trainer.max_steps=2", "trainer.log_every=1",
+        f"trainer.eval_sets=[{{name: many, path: {many}}}, {{name: one, path: {one}}}]"])])
+    last = read_metrics(run)[-1]
+    assert math.isfinite(last["val/many_loss"]) and math.isfinite(last["val_loss"])
+    assert "val/one_loss" not in last
+    assert any("val/one_loss is not logged" in line for line in logs[0][0])
