@@ -179,8 +179,8 @@ def test_a_run_beating_the_cached_cpu_peak_drops_it(monkeypatch, tmp_path: Path,
 def test_report_writes_png_from_partial_rows(tmp_path: Path) -> None:
     rows = [{"step": 1, "loss": 9.0, "tokens_per_s": 1000.0, "mfu": 0.1},
             {"step": 10, "loss": 7.5, "tokens_per_s": 1200.0},  # no mfu
-            {"step": 20, "loss": 6.0, "mfu": None, "val_loss": 6.2},
-            {"step": 30, "val_loss": 5.9}]  # eval-only row
+            {"step": 20, "loss": 6.0, "mfu": None, "val_loss": 6.2, "val/web_loss": 6.4},
+            {"step": 30, "val_loss": 5.9, "val/web_loss": None}]  # eval-only row
     jsonl = tmp_path / "metrics.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"step\": 40, \"lo")  # torn
     out = write_report(jsonl, tmp_path / "plots" / "report.png")

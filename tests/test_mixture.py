@@ -115,3 +115,5 @@ def test_training_on_a_shard_mixture(two: Path, tmp_path: Path) -> None:
     assert [p["weight"] for p in summary["corpus"]["parts"]] == [3.0, 1.0]
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert "val_loss" in read_metrics(tmp_path)[-1]
+    # Each source's own validation loss, named after its directory.
+    assert {"val/a_loss", "val/b_loss"} <= set(read_metrics(tmp_path)[-1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import time
 from collections import Counter
@@ -16,7 +17,8 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge import distributed
-from lmforge.config import ConfigError, TrainConfig, pad_vocab, resolve_grad_accum, writing
+from lmforge.config import (ConfigError, DataConfig, TrainConfig, pad_vocab, resolve_grad_accum,
+                            single_source, source_names, writing)
 from lmforge.data.loader import BlockLoader
 from lmforge.data.shards import ShardLoader, ShardSet, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
@@ -47,15 +49,49 @@ class Corpus:
 
 
 def open_corpus(cfg: TrainConfig) -> Corpus:
-    roots = cfg.data.shard_sources()
+    return open_data(cfg.data, cfg.trainer.seed)
+
+
+def open_data(d: DataConfig, seed: int) -> Corpus:
+    roots = d.shard_sources()
     if not roots:
-        stream, info = load_stream(cfg.data, cfg.trainer.seed)
+        stream, info = load_stream(d, seed)
         return Corpus(stream=stream, info=info)
     shards = [(Path(r), w, read_manifest(Path(r))) for r, w in roots]
     parts = [{"dir": str(r), "weight": w,
               "tokens": {s: v["tokens"] for s, v in m["splits"].items()},
               "prepared_from": m["corpus"]} for r, w, m in shards]
     return Corpus(shards=shards, info={"source": "shards", "parts": parts})
+
+
+@dataclass
+class ValSet:
+    """A set logged as val/<name>_loss: a mixture source's validation split, or an eval set
+    read whole (`split` "all"; shards: their validation split, fixed by lmforge-prepare)."""
+    name: str
+    data: DataConfig
+    split: str
+    corpus: Corpus
+
+
+def open_val_sets(cfg: TrainConfig) -> list[ValSet]:
+    """Each mixture source alone, then each of trainer.eval_sets; opened (files resolved,
+    manifests read) at start, so a missing file stops the run before the model is built."""
+    d, seed, out = cfg.data, cfg.trainer.seed, []
+    if d.source == "mixture":
+        for name, s in zip(source_names(d.sources), d.sources):
+            one = single_source(d, s)
+            out.append(ValSet(name, one, "validation", open_data(one, seed)))
+    for i, s in enumerate(cfg.trainer.eval_sets):
+        # Held out by construction: no document is set aside by the content hash.
+        one = dataclasses.replace(single_source(d, s), val_percent=0.0)
+        try:
+            out.append(ValSet(str(s.name), one, "all", open_data(one, seed)))
+        except ConfigError as e:  # errors name data.* keys: say which eval set's
+            where = f"trainer.eval_sets[{i}]"
+            raise ConfigError(re.sub(r"\bdata\.(?=(paths|format|text_field|hub_\w+|"
+                                     r"shards_dir)\b)", f"{where}.", str(e))) from None
+    return out
 
 
 def _shards_tokenizer(cfg: TrainConfig, corpus: Corpus) -> str:
@@ -109,18 +145,55 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, corpus: Corp
                                   info.world_size, t.seed, split=split)
                       for split in ("train", "validation"))
         return WorkerLoader(train, d.num_workers), val
+    check_shards(corpus, tok, arch)
+    return WorkerLoader(shard_loader(cfg, info, tok, d, corpus, "train"), d.num_workers), \
+        shard_loader(cfg, info, tok, d, corpus, "validation")
+
+
+def check_shards(corpus: Corpus, tok: Tokenizer, arch: str) -> None:
     specials = special_ids(tok, kind_for(arch))
     for root, _, manifest in corpus.shards:
         if manifest["sep_id"] != specials["eos" if arch == "gpt" else "sep"]:
             raise ConfigError(f"the shards in {root} were prepared for a "
                               f"{manifest['kind']} tokenizer, not for model.arch={arch}")
-    train, val = (ShardLoader([ShardSet(root, split, m) for root, _, m in corpus.shards],
-                              arch, specials, d.seq_len, t.micro_batch_size, info.rank,
-                              info.world_size, t.seed, train=split == "train",
-                              mlm_probability=d.mlm_probability,
-                              weights=[w for _, w, _ in corpus.shards])
-                  for split in ("train", "validation"))
-    return WorkerLoader(train, d.num_workers), val
+
+
+def shard_loader(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, d: DataConfig,
+                 corpus: Corpus, split: str) -> ShardLoader:
+    t, arch = cfg.trainer, cfg.model.arch
+    return ShardLoader([ShardSet(root, split, m) for root, _, m in corpus.shards], arch,
+                       special_ids(tok, kind_for(arch)), d.seq_len, t.micro_batch_size,
+                       info.rank, info.world_size, t.seed, train=split == "train",
+                       mlm_probability=d.mlm_probability,
+                       weights=[w for _, w, _ in corpus.shards])
+
+
+def val_set_batches(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, tok_sha256: str,
+                    sets: list[ValSet]) -> dict[str, list]:
+    """name -> the set's first trainer.eval_batches batches, read once, as val_batches are."""
+    t, arch, out = cfg.trainer, cfg.model.arch, {}
+    for s in sets:
+        if s.corpus.shards:
+            check_shards(s.corpus, tok, arch)
+            for root, _, m in s.corpus.shards:
+                if m["tokenizer_sha256"] != tok_sha256:
+                    raise ConfigError(f"the shards in {root} (val/{s.name}_loss) were made "
+                                      "with another tokenizer than this run's")
+            val = shard_loader(cfg, info, tok, s.data, s.corpus, "validation")
+        else:
+            val = BlockLoader(s.corpus.stream, tok, arch, s.data, t.micro_batch_size,
+                              info.rank, info.world_size, t.seed, split=s.split)
+        out[s.name] = fixed_batches(val, t.eval_batches, info.device)
+        if not out[s.name]:
+            log.warning("%s has no full batch of data.seq_len=%d tokens: val/%s_loss is not "
+                        "logged", s.name, s.data.seq_len, s.name)
+    return {name: batches for name, batches in out.items() if batches}
+
+
+def fixed_batches(loader: Any, n: int, device: torch.device) -> list:
+    """The first n batches, as many on every rank (ZeRO-3 forwards are collectives)."""
+    batches = [b for _, b in zip(range(n), loader)]
+    return batches[:distributed.all_reduce_min(len(batches), device)]
 
 
 def pretrained_loader(cfg: TrainConfig, info: DistInfo
@@ -166,6 +239,7 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
              info.world_size, info.device, cfg.trainer.device)
     claim_run_dir(run_dir, info)
     corpus = open_corpus(cfg)
+    val_sets = open_val_sets(cfg)
     tok = build_tokenizer(cfg, run_dir, info, corpus)
     vocab = tok.get_vocab_size()
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
@@ -205,9 +279,9 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     if info.is_main:
         write_summary(run_dir, summary)
     loader, val = build_loaders(cfg, info, tok, corpus)
-    val_batches = [b for _, b in zip(range(t.eval_batches), val)]
-    # Equal counts on every rank: ZeRO-3 forwards are collectives.
-    val_batches = val_batches[:distributed.all_reduce_min(len(val_batches), info.device)]
+    val_batches = fixed_batches(val, t.eval_batches, info.device)
+    named = val_set_batches(cfg, info, tok, sha256(run_dir / "tokenizer.json"), val_sets)
     if not val_batches:
-        log.warning("the validation split has no full batch: evaluation is off")
-    return Trainer(cfg, run_dir, info, tok, engine, loader, val_batches, summary)
+        log.warning("the validation split has no full batch: %s",
+                    "val_loss is not logged" if named else "evaluation is off")
+    return Trainer(cfg, run_dir, info, tok, engine, loader, val_batches, summary, named)

@@ -3,6 +3,7 @@ before anything is allocated. No torch import here."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field, fields
@@ -60,7 +61,9 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    """One entry of a data mixture: exactly one of path, shards_dir, paths, hub_name."""
+    """One entry of a data mixture, or a held-out set of trainer.eval_sets: exactly one of
+    path, shards_dir, paths, hub_name."""
+    name: Optional[str] = None  # logged as val/<name>_loss; a mixture entry may leave it unset
     weight: float = 1.0
     path: Optional[str] = None  # a shards dir (it has manifest.json), else a file or glob
     shards_dir: Optional[str] = None
@@ -174,7 +177,10 @@ class TrainerConfig:
     grad_accum_steps: int = 1
     global_batch_size: Optional[int] = None  # samples per step over all ranks; sets grad_accum_steps
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8  # per validation set: the mixture, each of its sources, each eval set
+    # Extra held-out sets, each evaluated whole (no hash split) at every eval and logged as
+    # val/<name>_loss: [{name: wiki, paths: [wiki.txt]}], entries shaped as data.sources'.
+    eval_sets: list[SourceConfig] = field(default_factory=list)
     save_every: int = 0  # steps between checkpoints (0: by time only)
     save_every_min: float = 30.0  # wall-clock minutes between checkpoints (0: by steps only)
     keep_last: int = 2  # checkpoints kept, by write order; 0 keeps all
@@ -220,6 +226,36 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+NAME = re.compile(r"[A-Za-z0-9._-]+")  # a set's name, as it appears in val/<name>_loss
+
+
+def source_names(sources: list[SourceConfig]) -> list[str]:
+    """Each mixture source's name in val/<name>_loss: its `name`, else the last part of its
+    shards dir, single file or hub dataset (source<i> for several files or a glob), made
+    unique with _<i>. It depends on the config only, so a resumed run logs the same keys."""
+    given = {s.name for s in sources if s.name}
+    out: list[str] = []
+    for i, s in enumerate(sources):
+        name = s.name
+        if not name:
+            files = s.files
+            where = s.shards or s.hub_name or (files[0] if len(files) == 1 else "")
+            stem = Path(where).stem if where in files else Path(where).name
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_.-") or f"source{i}"
+            name = f"{name}_{i}" if name in given or name in out else name
+        out.append(name)
+    return out
+
+
+def single_source(d: DataConfig, s: SourceConfig) -> DataConfig:
+    """`d` reading the one source `s` (a mixture entry or an eval set), as data=files, hub
+    or shards would."""
+    return dataclasses.replace(d, source=s.kind, paths=s.files, format=s.format,
+                               text_field=s.text_field, hub_name=s.hub_name,
+                               hub_config=s.hub_config, hub_split=s.hub_split,
+                               shards_dir=s.shards, sources=[])
 
 
 def conf_dir() -> Path:
@@ -345,8 +381,11 @@ def one_line(e: BaseException) -> str:
             parts.append(text)
         full_key = getattr(e, "full_key", None)
         if full_key and "not in" in str(e):
+            node = getattr(e, "object_type", None)  # a list entry's full_key lacks its path
             try:
-                hint = f" (known keys: {', '.join(known_keys(full_key.rpartition('.')[0]))})"
+                names = ([f.name for f in fields(node)] if dataclasses.is_dataclass(node)
+                         else known_keys(full_key.rpartition('.')[0]))
+                hint = f" (known keys: {', '.join(names)})"
             except (KeyError, TypeError):
                 pass
         e = e.__cause__
@@ -469,6 +508,36 @@ def _unused(cfg: Any) -> list[str]:
     return out
 
 
+def _check_source(src: SourceConfig, where: str) -> None:
+    given = [k for k in ("path", "shards_dir", "paths", "hub_name") if getattr(src, k)]
+    _check(len(given) == 1, f"{where} must set exactly one of path, shards_dir, paths, "
+           f"hub_name (it sets {given or 'none'})")
+    ignored = [k for k, v in [("format", src.format != "auto"),
+                              ("text_field", src.text_field != "text")]
+               if v and src.kind == "shards"]
+    ignored += [k for k, v in [("hub_config", src.hub_config is not None),
+                               ("hub_split", src.hub_split != "train")]
+                if v and not src.hub_name]
+    _check(not ignored, f"{where} sets {ignored[0] if ignored else ''}, which its {src.kind} "
+           "source does not read; drop it")
+
+
+def _check_names(names: list[Optional[str]], key: str, taken: set[str]) -> None:
+    """Set names are metric keys: plain characters, each used once, none already `taken`
+    (a mixture source's)."""
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name is None:
+            continue
+        _check(bool(NAME.fullmatch(name)), f"{key}[{i}].name={name!r} may hold only letters, "
+               "digits, '.', '_' and '-' (it is logged as val/<name>_loss)")
+        _check(name not in seen, f"{key}[{i}].name={name!r} is used twice in {key}; "
+               "give each a name of its own")
+        _check(name not in taken, f"{key}[{i}].name={name!r} is also a data.sources name "
+               "(val/<name>_loss would be logged twice); rename one")
+        seen.add(name)
+
+
 def validate(cfg: Any) -> None:
     """Raise ConfigError (one line: key, bad value, how to fix) on any inconsistent value."""
     for key, allowed in CHOICES.items():
@@ -514,21 +583,21 @@ def validate(cfg: Any) -> None:
         _check(len(d.sources) > 0, "data.source=mixture needs data.sources=[{shards_dir: a, "
                "weight: 0.7}, {shards_dir: b, weight: 0.3}] (or paths / hub_name entries)")
         for i, src in enumerate(d.sources):
-            given = [k for k in ("path", "shards_dir", "paths", "hub_name") if getattr(src, k)]
-            _check(len(given) == 1, f"data.sources[{i}] must set exactly one of path, "
-                   f"shards_dir, paths, hub_name (it sets {given or 'none'})")
+            _check_source(src, f"data.sources[{i}]")
             _check(src.weight > 0, f"data.sources[{i}].weight={src.weight} must be > 0")
-            ignored = [k for k, v in [("format", src.format != "auto"),
-                                      ("text_field", src.text_field != "text")]
-                       if v and src.kind == "shards"]
-            ignored += [k for k, v in [("hub_config", src.hub_config is not None),
-                                       ("hub_split", src.hub_split != "train")]
-                        if v and not src.hub_name]
-            _check(not ignored, f"data.sources[{i}] sets {ignored[0] if ignored else ''}, which "
-                   f"its {src.kind} source does not read; drop it")
         shards = {src.kind == "shards" for src in d.sources}
         _check(len(shards) == 1, "data.sources mixes shards with on-the-fly sources; "
                "prepare every source with lmforge-prepare shards, or none")
+        _check_names([s.name for s in d.sources], "data.sources", set())
+    mixed = set(source_names(d.sources)) if d.source == "mixture" else set()
+    for i, src in enumerate(cfg.trainer.eval_sets):
+        where = f"trainer.eval_sets[{i}]"
+        _check(bool(src.name), f"{where} needs a name, e.g. {{name: wiki, paths: [wiki.txt]}}"
+               " (its loss is logged as val/<name>_loss)")
+        _check_source(src, where)
+        _check(src.weight == 1.0, f"{where}.weight={src.weight} is not read (an eval set is "
+               "not mixed); drop it")
+    _check_names([s.name for s in cfg.trainer.eval_sets], "trainer.eval_sets", mixed)
     if cfg.tokenizer.kind != "auto":
         want = "bpe" if m.arch == "gpt" else "wordpiece"
         _check(cfg.tokenizer.kind == want or cfg.tokenizer.path is not None,

@@ -13,7 +13,6 @@ between documents, BERT's [CLS]/[SEP]) count 0 bytes; their NLL is counted."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import re
@@ -30,7 +29,8 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmforge.config import ConfigError, DataConfig, TrainConfig, compose_dict, one_line, to_schema
+from lmforge.config import (ConfigError, DataConfig, TrainConfig, compose_dict, one_line,
+                            single_source, to_schema)
 from lmforge.data.packing import Packer, bert_batch_seeded, frame_for
 from lmforge.data.shards import ShardSet, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
@@ -127,14 +127,10 @@ def parts(d: DataConfig) -> list[tuple[str, DataConfig]]:
         return [(name, d)]
     out, seen = [], set()
     for i, s in enumerate(d.sources):
-        name = s.shards or s.hub_name or ",".join(s.files)
+        name = s.name or s.shards or s.hub_name or ",".join(s.files)
         name = f"{name}#{i}" if name in seen else name
         seen.add(name)
-        one = dataclasses.replace(d, source=s.kind, paths=s.files, format=s.format,
-                                  text_field=s.text_field, hub_name=s.hub_name,
-                                  hub_config=s.hub_config, hub_split=s.hub_split,
-                                  shards_dir=s.shards, sources=[])
-        out.append((name, one))
+        out.append((name, single_source(d, s)))
     return out
 
 

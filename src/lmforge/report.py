@@ -29,13 +29,16 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
 
 
 def write_report(metrics_jsonl: Path, out_png: Path) -> Path:
-    """Plot train loss (+ val_loss), tokens/s and MFU against step into `out_png`."""
+    """Plot train loss (+ val_loss, val/<name>_loss), tokens/s and MFU against step into
+    `out_png`."""
     rows = read_rows(metrics_jsonl)
     fig, (ax_loss, ax_tps, ax_mfu) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     ax_loss.plot(*series(rows, "loss"), label="train loss")
     val_steps, val = series(rows, "val_loss")
     if val:
         ax_loss.plot(val_steps, val, "o", label="val loss")
+    for key in sorted({k for r in rows for k in r if k.startswith("val/")}):
+        ax_loss.plot(*series(rows, key), "x", label=key)  # a mixture source, an eval set
     ax_loss.set(title="Loss", xlabel="step", ylabel="cross-entropy (nats)")
     ax_loss.legend()
     ax_tps.plot(*series(rows, "tokens_per_s"), color="tab:green")

@@ -96,9 +96,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, tok: Tokenizer,
                  engine: Engine, loader: WorkerLoader, val_batches: list,
-                 summary: dict) -> None:
+                 summary: dict, named_val: dict[str, list] | None = None) -> None:
         self.cfg, self.run_dir, self.info, self.tok = cfg, run_dir, info, tok
         self.engine, self.loader, self.val_batches, self.summary = engine, loader, val_batches, summary
+        self.named_val = named_val or {}  # name -> batches: each mixture source, each eval set
         self.ckpt_dir = run_dir / "checkpoints"
         t = cfg.trainer
         self.samples_per_step = t.micro_batch_size * t.grad_accum_steps * info.world_size
@@ -185,7 +186,9 @@ class Trainer:
     def guard(self) -> dict[str, Any]:
         """What a checkpoint cannot continue under when changed (refused on resume)."""
         d = self.cfg.data
-        sources = [dataclasses.asdict(s) for s in d.sources] if d.source == "mixture" else \
+        # A source's name only labels its val/<name>_loss: renaming one is no other run.
+        sources = [{k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
+                   for s in d.sources] if d.source == "mixture" else \
             {"files": list(d.paths), "hub": d.hub_name, "shards": d.shards_dir}.get(d.source)
         return {"parallel.zero_stage": self.cfg.parallel.zero_stage,
                 "precision.dtype": self.cfg.precision.dtype, "data.seq_len": d.seq_len,
@@ -205,11 +208,17 @@ class Trainer:
         log.info("saved %s", path)
 
     def evaluate(self) -> dict[str, float]:
-        if not self.val_batches:
-            return {}
-        loss = distributed.all_reduce_mean(self.engine.eval_loss(self.val_batches)).item()
-        self.last_val = loss
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        """val_loss and val_ppl on the run's validation batches (a mixture's as mixed), and
+        val/<name>_loss on each named set's own batches (so val_loss is not their mean)."""
+        out = {}
+        if self.val_batches:
+            loss = distributed.all_reduce_mean(self.engine.eval_loss(self.val_batches)).item()
+            self.last_val = loss
+            out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        for name, batches in self.named_val.items():
+            out[f"val/{name}_loss"] = distributed.all_reduce_mean(
+                self.engine.eval_loss(batches)).item()
+        return out
 
     def fit(self) -> dict[str, Any]:
         """Train to trainer.max_steps; returns the summary (`stopped` says why it ended early)."""
