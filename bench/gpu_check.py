@@ -1,6 +1,6 @@
 """One script for a lent GPU (H100/H200): what the machine has, which SDPA kernel each model
-family gets, and short lmforge-train runs (gpt2_124m bf16 at ZeRO-1/2/3, compile is not
-built yet, vocab 50257 vs 50304, llama_1b and bert_base steps, a SIGUSR1 + resume + export
+family gets, and short lmforge-train runs (gpt2_124m bf16 at ZeRO-1/2/3, trainer.compile on
+and off, vocab 50257 vs 50304, llama_1b and bert_base steps, a SIGUSR1 + resume + export
 from a GPU-written checkpoint), printed as one table and written as JSON. Everything runs
 from what the machine already has (no network).
 
@@ -115,7 +115,8 @@ def plan(quick: bool, device: str) -> list[tuple[str, list[str]]]:
            "tokenizer.train_max_chars=20000000", "data.num_workers=4"]
     return [("gpt2_124m bf16 zero1", [*gpt, "parallel=zero1"]),
             ("gpt2_124m bf16 zero2", [*gpt, "parallel=zero2"]),
-            ("gpt2_124m bf16 zero3", [*gpt, "parallel=zero3"]),
+            ("gpt2_124m bf16 zero2 eager", [*gpt, "parallel=zero2", "trainer.compile=false"]),
+            ("gpt2_124m bf16 zero3 eager", [*gpt, "parallel=zero3", "trainer.compile=false"]),
             ("gpt2_124m bf16 zero2 vocab 50257", [*gpt, "model.vocab_size=50257"]),
             ("gpt2_350m bf16 zero2", [*gpt, "model=gpt2_350m", "trainer.micro_batch_size=8"]),
             ("llama_1b bf16 zero2", [*gpt, "model=llama_1b", "trainer.micro_batch_size=4",

@@ -274,7 +274,7 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
         log.info("trainer.max_steps=0: wrote %s and stopped (dry run)", run_dir / "summary.json")
         return None
     engine = Engine(model, engine_cfg, cfg.optim, cfg.parallel, cfg.precision, t.max_steps,
-                    info.world_size, info.device)
+                    info.world_size, info.device, compile_blocks=t.compile)
     summary["shard_fractions"] = engine.shard_fractions()  # this rank's (rank 0's) share
     if info.is_main:
         write_summary(run_dir, summary)

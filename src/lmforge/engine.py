@@ -232,15 +232,34 @@ def to_universal(ckpt: Path, out: Path) -> None:
         log.debug("%s", text.getvalue())
 
 
+def compile_each_block(model: nn.Module) -> None:
+    """torch.compile every transformer block in place, as torchtitan does: each block is
+    one graph (norms, attention, MLP and their elementwise ops fused) reused by all layers,
+    and what happens between blocks (ZeRO-3's gathers, activation checkpointing) stays
+    eager. In place (nn.Module.compile), so parameter names and checkpoints are unchanged.
+    Compiled after DeepSpeed has set the module up, on its final device and dtype."""
+    if next(model.parameters()).device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:  # else the first step fails deep in inductor
+            get_cpp_compiler()
+        except Exception as e:
+            raise ConfigError(f"trainer.compile=true on CPU needs a C++ compiler (g++ or "
+                              f"clang++; set CXX to one): {e}") from e
+    for block in model.blocks:
+        block.compile()
+
+
 class Engine:
     """A DeepSpeed engine plus what the trainer asks of it: a step over micro-batches,
     the gradient norm, the learning rate, save and load."""
 
     def __init__(self, model: nn.Module, config: dict[str, Any], optim: OptimConfig,
                  parallel: ParallelConfig, precision: PrecisionConfig, max_steps: int,
-                 world_size: int, device: torch.device) -> None:
+                 world_size: int, device: torch.device, compile_blocks: bool = False) -> None:
         """`config` is ds_config(parallel, precision, optim, ...) (model creation needs it
-        first, for ZeRO-3's partitioned init)."""
+        first, for ZeRO-3's partitioned init). `compile_blocks`: torch.compile each
+        transformer block in place (see compile_blocks)."""
         import deepspeed
 
         model.gradient_checkpointing = parallel.activation_checkpointing
@@ -268,6 +287,8 @@ class Engine:
             # a small model's CPU step for nothing.
             self.engine.enable_backward_allreduce = False
         self.device = device
+        if compile_blocks:
+            compile_each_block(self.engine.module)
 
     @property
     def module(self) -> nn.Module:
