@@ -159,6 +159,23 @@ def summarize(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, vocab: i
     return summary
 
 
+def no_validation_line(cfg: TrainConfig, val: Any, world_size: int) -> str:
+    """Why a run has no val_loss and how to get one, in one line."""
+    d, t = cfg.data, cfg.trainer
+    batch = f"one batch (trainer.micro_batch_size x data.seq_len = {t.micro_batch_size} x " \
+            f"{d.seq_len} tokens per rank)"
+    if not isinstance(val, BlockLoader):
+        return (f"no evaluation (no val_loss): the shards' validation split holds less than "
+                f"{batch}; prepare them with a higher data.val_percent or more data")
+    if d.val_percent == 0:
+        return "no evaluation (no val_loss): data.val_percent=0 holds out no documents"
+    held = f" holds {val.next_doc} document(s), less than" if world_size == 1 else " is under"
+    return (f"no evaluation (no val_loss): the validation split (data.val_percent="
+            f"{d.val_percent:g}% of the documents, by content hash){held} {batch}; raise "
+            "data.val_percent or add documents (more files; for plain text "
+            "data.text_split=paragraph or a lower data.doc_max_chars)")
+
+
 def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     """Tokenizer, model, summary, and (unless max_steps=0: a dry run) data and engine."""
     check_precision(cfg.precision.dtype, info.device)
@@ -209,5 +226,6 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     # Equal counts on every rank: ZeRO-3 forwards are collectives.
     val_batches = val_batches[:distributed.all_reduce_min(len(val_batches), info.device)]
     if not val_batches:
-        log.warning("the validation split has no full batch: evaluation is off")
+        warn = log.info if cfg.data.val_percent == 0 else log.warning  # 0: asked for
+        warn(no_validation_line(cfg, val, info.world_size))
     return Trainer(cfg, run_dir, info, tok, engine, loader, val_batches, summary)

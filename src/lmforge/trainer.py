@@ -154,7 +154,9 @@ class Trainer:
             {"files": list(d.paths), "hub": d.hub_name, "shards": d.shards_dir}.get(d.source)
         return {"parallel.zero_stage": self.cfg.parallel.zero_stage,
                 "precision.dtype": self.cfg.precision.dtype, "data.seq_len": d.seq_len,
-                "data.source": d.source, "data.sources": sources}
+                "data.source": d.source, "data.sources": sources,
+                # They make the documents that the data position counts.
+                "data.text_split": d.text_split, "data.doc_max_chars": d.doc_max_chars}
 
     def save(self) -> None:
         if self.saved_step == self.step:
