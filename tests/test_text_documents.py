@@ -14,6 +14,7 @@ from lmforge.config import ConfigError, DataConfig
 from lmforge.data.loader import BlockLoader
 from lmforge.data.sources import is_validation, iter_documents, iter_examples, load_stream
 from lmforge.data.tokenizer import train_tokenizer
+from lmforge.data.workers import WorkerLoader
 
 
 def paragraphs_file(path: Path, n: int, seed: int = 0) -> list[str]:
@@ -113,6 +114,22 @@ def test_loader_state_roundtrip_on_text_files(tmp_path: Path) -> None:
     assert state["epoch"] >= 1
     for want, got in zip(expected, [next(b) for _ in range(5)]):
         assert torch.equal(want["input_ids"], got["input_ids"])
+
+
+def test_loader_worker_processes_read_every_text_file(tmp_path: Path) -> None:
+    """In a DataLoader worker, datasets could hand the generator only some files (shards);
+    each worker must read them all and take its share by document index."""
+    for i in range(2):
+        paragraphs_file(tmp_path / f"part{i}.txt", 30, seed=i)
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.txt")], seq_len=32)
+    ds, _ = load_stream(cfg)
+    tok = train_tokenizer((t for _, t in iter_documents(ds, "train", 2.0)), "bpe", 300)
+    readers = [BlockLoader(ds, tok, "gpt", cfg, 4).for_worker(w, 2) for w in (0, 1)]
+    want = [next(readers[k % 2])["input_ids"] for k in range(8)]
+    workers = WorkerLoader(BlockLoader(ds, tok, "gpt", cfg, 4), num_workers=2)
+    got = [next(workers)["input_ids"] for _ in range(8)]
+    workers.close()
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 
 @pytest.mark.parametrize("override,needle", [
