@@ -167,5 +167,5 @@ def test_a_run_on_one_text_file_evaluates(tmp_path: Path) -> None:
     lines = train_in_process(tmp_path / "whole", *common, "data.text_split=file")
     said = [ln for ln in lines if "no evaluation" in ln]
     assert len(said) == 1 and "raise data.val_percent" in said[0], lines
-    assert "holds 0 document(s)" in said[0] and "\n" not in said[0]
+    assert "holds 0 document(s)" in said[0] and "data.text_split=paragraph" in said[0]
     assert "val_loss" not in read_metrics(tmp_path / "whole")[-1]

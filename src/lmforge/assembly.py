@@ -159,8 +159,8 @@ def summarize(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, vocab: i
     return summary
 
 
-def no_validation_line(cfg: TrainConfig, val: Any, world_size: int) -> str:
-    """Why a run has no val_loss and how to get one, in one line."""
+def no_validation_line(cfg: TrainConfig, val: Any, world_size: int, corpus: dict) -> str:
+    """Why a run has no val_loss and how to get one, in one line (`corpus`: its info)."""
     d, t = cfg.data, cfg.trainer
     batch = f"one batch (trainer.micro_batch_size x data.seq_len = {t.micro_batch_size} x " \
             f"{d.seq_len} tokens per rank)"
@@ -170,10 +170,11 @@ def no_validation_line(cfg: TrainConfig, val: Any, world_size: int) -> str:
     if d.val_percent == 0:
         return "no evaluation (no val_loss): data.val_percent=0 holds out no documents"
     held = f" holds {val.next_doc} document(s), less than" if world_size == 1 else " is under"
+    more = {"file": "data.text_split=paragraph", "paragraph": "a lower data.doc_max_chars"
+            }.get(corpus.get("text_split"), "more data")  # what makes more documents here
     return (f"no evaluation (no val_loss): the validation split (data.val_percent="
             f"{d.val_percent:g}% of the documents, by content hash){held} {batch}; raise "
-            "data.val_percent or add documents (more files; for plain text "
-            "data.text_split=paragraph or a lower data.doc_max_chars)")
+            f"data.val_percent or make more documents ({more})")
 
 
 def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
@@ -227,5 +228,5 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     val_batches = val_batches[:distributed.all_reduce_min(len(val_batches), info.device)]
     if not val_batches:
         warn = log.info if cfg.data.val_percent == 0 else log.warning  # 0: asked for
-        warn(no_validation_line(cfg, val, info.world_size))
+        warn(no_validation_line(cfg, val, info.world_size, corpus.info))
     return Trainer(cfg, run_dir, info, tok, engine, loader, val_batches, summary)

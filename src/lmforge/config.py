@@ -450,8 +450,8 @@ def _unused(cfg: Any) -> list[str]:
         for key in ("val_percent", "shuffle_buffer", *sorted(_TEXT_KEYS)):
             if getattr(d, key) != getattr(dd, key):
                 out.append(f"data.{key} has no effect on pre-tokenized shards (documents and "
-                           "the split are fixed by lmforge-prepare shards, blocks are permuted per epoch); "
-                           f"drop data.{key}")
+                           "the split are fixed by lmforge-prepare shards, blocks are permuted "
+                           f"per epoch); drop data.{key}")
     if d.source == "embedded" and d.text_split == "auto" and d.doc_max_chars is not None:
         out.append("data.doc_max_chars is set but the embedded corpus is read a whole file per "
                    "document (data.text_split=auto); set data.text_split=file or paragraph, "
