@@ -52,6 +52,12 @@ def test_paragraphs_are_verbatim_runs_of_lines(tmp_path: Path) -> None:
     assert not skipped
 
 
+def test_bad_bytes_skip_only_their_paragraph(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"good one\n\ncaf\xe9 in latin-1\n\ngood two\n")
+    docs, skipped = documents(DataConfig(source="files", paths=[str(tmp_path / "a.txt")]))
+    assert docs == ["good one\n", "good two\n"] and skipped == {"not_utf8": 1}
+
+
 def test_doc_max_chars_bounds_a_file_without_blank_lines(tmp_path: Path) -> None:
     line = "a line of text without any blank line after it, eighty characters long ....\n"
     text = line * (3_000_000 // len(line)) + "x" * 25_000  # 3 MB, and one line too long
