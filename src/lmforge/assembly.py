@@ -232,6 +232,24 @@ def summarize(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, vocab: i
     return summary
 
 
+def no_validation_line(cfg: TrainConfig, val: Any, world_size: int, corpus: dict) -> str:
+    """Why a run has no val_loss and how to get one, in one line (`corpus`: its info)."""
+    d, t = cfg.data, cfg.trainer
+    batch = f"one batch (trainer.micro_batch_size x data.seq_len = {t.micro_batch_size} x " \
+            f"{d.seq_len} tokens per rank)"
+    if not isinstance(val, BlockLoader):
+        return (f"no evaluation (no val_loss): the shards' validation split holds less than "
+                f"{batch}; prepare them with a higher data.val_percent or more data")
+    if d.val_percent == 0:
+        return "no evaluation (no val_loss): data.val_percent=0 holds out no documents"
+    held = f" holds {val.next_doc} document(s), less than" if world_size == 1 else " is under"
+    more = {"file": "data.text_split=paragraph", "paragraph": "a lower data.doc_max_chars"
+            }.get(corpus.get("text_split"), "more data")  # what makes more documents here
+    return (f"no evaluation (no val_loss): the validation split (data.val_percent="
+            f"{d.val_percent:g}% of the documents, by content hash){held} {batch}; raise "
+            f"data.val_percent or make more documents ({more})")
+
+
 def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     """Tokenizer, model, summary, and (unless max_steps=0: a dry run) data and engine."""
     check_precision(cfg.precision.dtype, info.device)
@@ -282,6 +300,7 @@ def build(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Trainer | None:
     val_batches = fixed_batches(val, t.eval_batches, info.device)
     named = val_set_batches(cfg, info, tok, sha256(run_dir / "tokenizer.json"), val_sets)
     if not val_batches:
-        log.warning("the validation split has no full batch: %s",
-                    "val_loss is not logged" if named else "evaluation is off")
+        warn = log.info if cfg.data.val_percent == 0 else log.warning  # 0: asked for
+        line = no_validation_line(cfg, val, info.world_size, corpus.info)
+        warn(line + ("; the named validation sets are still evaluated" if named else ""))
     return Trainer(cfg, run_dir, info, tok, engine, loader, val_batches, summary, named)

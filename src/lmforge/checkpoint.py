@@ -379,7 +379,9 @@ def choose_resume(ckpt_dir: Path, resume_from: str | None, start_fresh: bool, in
     for key, now in expect.items():
         if key == "guard":
             for k, v in now.items():
-                old = state.get(key, {}).get(k, v)  # older checkpoints recorded no guard
+                # Older checkpoints recorded no guard; before data.text_split, a file was
+                # one document.
+                old = state.get(key, {}).get(k, "file" if k == "data.text_split" else v)
                 if old != v:
                     raise ConfigError(f"{ckpt} was saved with {k}={old}, this run has {v}: "
                                       f"resume it with {k}={old}, or start a new run dir "

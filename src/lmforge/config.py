@@ -102,6 +102,12 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)  # for source=mixture
     seq_len: int = 256
     val_percent: float = 2.0  # documents held out for validation, chosen by content hash
+    # How plain-text files become documents: auto (file for the embedded corpus, paragraph
+    # for data.paths) | file (one per file) | paragraph (split at blank lines).
+    text_split: str = "auto"
+    # A longer paragraph or file is cut, at a line end where one is in reach; None = 10_000
+    # for paragraphs (a file without blank lines still yields many), 1_000_000 for files.
+    doc_max_chars: Optional[int] = None
     shuffle_buffer: int = 1024  # training blocks mixed at random (0 = in stream order)
     num_workers: int = 0  # loader processes per rank (0 = in the training process)
     mlm_probability: float = 0.15
@@ -410,6 +416,7 @@ CHOICES = {
     "model.pos_emb": ("learned", "rope"),
     "data.source": ("embedded", "files", "hub", "shards", "mixture"),
     "data.format": ("auto", "text", "json", "parquet"),
+    "data.text_split": ("auto", "file", "paragraph"),
     "tokenizer.kind": ("auto", "bpe", "wordpiece"),
     "parallel.zero_stage": (0, 1, 2, 3),
     "trainer.device": ("auto", "cuda", "cpu"),
@@ -430,7 +437,7 @@ NON_NEGATIVE = ["trainer.max_steps", "trainer.eval_every", "trainer.save_every",
                 "model.init_std", "plan.price_per_gpu_hour"]
 # Optional keys: None means "derive it"; a value must be > 0.
 POSITIVE_IF_SET = ["model.d_ff", "model.n_kv_heads", "model.vocab_size",
-                   "trainer.global_batch_size"]
+                   "trainer.global_batch_size", "data.doc_max_chars"]
 # [low, high): values outside make torch raise mid-set-up, or silently train nothing.
 HALF_OPEN = {"optim.beta1": (0.0, 1.0), "optim.beta2": (0.0, 1.0), "model.dropout": (0.0, 1.0)}
 
@@ -468,9 +475,10 @@ def _check(ok: bool, msg: str) -> None:
 
 # The data.* keys each data.source reads; any other of these set is a user's intent that
 # this source would silently ignore.
-_DATA_READS = {"embedded": set(), "files": {"paths", "format", "text_field"},
+_TEXT_KEYS = {"text_split", "doc_max_chars"}
+_DATA_READS = {"embedded": _TEXT_KEYS, "files": {"paths", "format", "text_field", *_TEXT_KEYS},
                "hub": {"hub_name", "hub_config", "hub_split", "text_field"},
-               "shards": {"shards_dir"}, "mixture": {"sources"}}
+               "shards": {"shards_dir"}, "mixture": {"sources", *_TEXT_KEYS}}
 
 
 def _unused(cfg: Any) -> list[str]:
@@ -485,11 +493,15 @@ def _unused(cfg: Any) -> list[str]:
                        f"choose {owners}, or drop data.{key}")
     shards = d.shard_sources()
     if shards:
-        for key in ("val_percent", "shuffle_buffer"):
+        for key in ("val_percent", "shuffle_buffer", *sorted(_TEXT_KEYS)):
             if getattr(d, key) != getattr(dd, key):
-                out.append(f"data.{key} has no effect on pre-tokenized shards (the split is "
-                           "fixed by lmforge-prepare shards, blocks are permuted per epoch); "
-                           f"drop data.{key}")
+                out.append(f"data.{key} has no effect on pre-tokenized shards (documents and "
+                           "the split are fixed by lmforge-prepare shards, blocks are permuted "
+                           f"per epoch); drop data.{key}")
+    if d.source == "embedded" and d.text_split == "auto" and d.doc_max_chars is not None:
+        out.append("data.doc_max_chars is set but the embedded corpus is read a whole file per "
+                   "document (data.text_split=auto); set data.text_split=file or paragraph, "
+                   "or drop data.doc_max_chars")
     if t.path or shards:
         given = "the shards' tokenizer" if shards else "tokenizer.path"
         for key in ("vocab_size", "train_max_chars", "kind"):

@@ -192,7 +192,17 @@ class Trainer:
             {"files": list(d.paths), "hub": d.hub_name, "shards": d.shards_dir}.get(d.source)
         return {"parallel.zero_stage": self.cfg.parallel.zero_stage,
                 "precision.dtype": self.cfg.precision.dtype, "data.seq_len": d.seq_len,
-                "data.source": d.source, "data.sources": sources}
+                "data.source": d.source, "data.sources": sources, **self._text_documents()}
+
+    def _text_documents(self) -> dict[str, Any]:
+        """How plain-text files became documents (which the data position counts), as
+        resolved; recorded only where files are split, so that a checkpoint from before
+        data.text_split (a document per file) is refused under paragraphs."""
+        corpus = self.summary.get("corpus", {})
+        if "text_split" not in corpus:
+            return {}
+        return {"data.text_split": corpus["text_split"],
+                "data.doc_max_chars": corpus["doc_max_chars"]}
 
     def save(self) -> None:
         if self.saved_step == self.step:

@@ -1,5 +1,6 @@
 """Document sources: the embedded stdlib corpus, local text/JSONL/Parquet files and hub
-datasets, streamed through `datasets`, split into train/validation by content hash."""
+datasets, streamed through `datasets`, split into train/validation by content hash.
+Plain-text files become documents by data.text_split (see `split_text`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,8 @@ log = logging.getLogger("lmforge")
 # Test suites, codec tables and vendored packages are low-value or machine-specific text.
 _SKIP_DIRS = {"test", "tests", "idle_test", "encodings", "site-packages", "dist-packages",
               "__pycache__", "__phello__", "turtledemo", "ensurepip"}
+_SNIFF_BYTES = 8192  # a NUL in a text file's first bytes marks it binary (as git decides)
+_DOC_MAX_CHARS = {"paragraph": 10_000, "file": 1_000_000}  # data.doc_max_chars=null
 _FORMATS = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
             ".parquet": "parquet"}
 
@@ -168,10 +171,23 @@ def _file_stream(cfg: DataConfig) -> tuple[datasets.IterableDataset, dict, str]:
         return datasets.load_dataset("parquet", data_files=[str(f) for f in files],
                                      split="train", streaming=True,
                                      columns=[cfg.text_field]), info, cfg.text_field
+    if fmt == "text" and not (cfg.source == "embedded" and cfg.text_split == "auto"):
+        split = text_split(cfg)
+        max_chars = cfg.doc_max_chars or _DOC_MAX_CHARS[split]
+        info.update(text_split=split, doc_max_chars=max_chars)
+        features = datasets.Features({"text": datasets.Value("string"),
+                                      "skip": datasets.Value("string")})
+        # A list in gen_kwargs makes each file a shard: the loader's per-epoch shuffle
+        # permutes files, as it does for the embedded corpus.
+        return datasets.IterableDataset.from_generator(
+            text_documents, features=features,
+            gen_kwargs={"files": [str(f) for f in files], "split": split,
+                        "max_chars": max_chars}), info, "text"
     whole = [f for f in files if fmt == "json" and _one_json_value(f)]
     lines = [str(f) for f in files if f not in whole]
     # Bad bytes become U+FFFD and such documents are skipped and counted (see
-    # skip_reason) instead of an exception in the middle of a run.
+    # skip_reason) instead of an exception in the middle of a run. The embedded corpus
+    # (text_split=auto) keeps this reader, a document per file: the default job's losses.
     ds = datasets.load_dataset("text", data_files=lines, split="train",
                                streaming=True, encoding_errors="replace",
                                sample_by="document" if fmt == "text" else "line") if lines else None
@@ -189,6 +205,54 @@ def _file_stream(cfg: DataConfig) -> tuple[datasets.IterableDataset, dict, str]:
         gen_kwargs={"files": [str(f) for f in whole], "field": cfg.text_field})
     parts = ([ds.map(parse, features=features)] if ds is not None else []) + [arrays]
     return datasets.concatenate_datasets(parts), info, "text"
+
+
+def text_split(cfg: DataConfig) -> str:
+    """data.text_split resolved: auto is file for the embedded corpus, else paragraph."""
+    if cfg.text_split != "auto":
+        return cfg.text_split
+    return "file" if cfg.source == "embedded" else "paragraph"
+
+
+def text_documents(files: list[str], split: str, max_chars: int) -> Iterator[dict]:
+    """The documents of plain-text files, in file order, read a line at a time (a line
+    longer than max_chars in pieces): a file is never held whole. A file with a NUL among
+    its first bytes is one "binary" skip, one without any document one "empty" skip."""
+    for path in files:
+        with open(path, "rb") as f:
+            if b"\x00" in f.read(_SNIFF_BYTES):
+                yield {"text": None, "skip": "binary"}
+                continue
+        # Universal newlines and U+FFFD for bad bytes, as datasets' text reader has them.
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = iter(lambda: f.readline(max_chars), "")
+            n = 0
+            for n, text in enumerate(split_text(lines, split == "paragraph", max_chars), 1):
+                yield {"text": text, "skip": None}
+        if n == 0:
+            yield {"text": "", "skip": None}
+
+
+def split_text(lines: Iterator[str], by_paragraph: bool, max_chars: int) -> Iterator[str]:
+    """Documents from lines (each at most max_chars, with its newline): paragraphs
+    (blank or whitespace-only lines separate them and are dropped), or all lines as one,
+    each cut before the line that would take it past max_chars. Documents are verbatim
+    runs of lines, so a file without blank lines becomes pieces of at most max_chars."""
+    doc: list[str] = []
+    size = 0
+    for line in lines:
+        if by_paragraph and not line.strip():
+            if doc:
+                yield "".join(doc)
+                doc, size = [], 0
+            continue
+        if doc and size + len(line) > max_chars:
+            yield "".join(doc)
+            doc, size = [], 0
+        doc.append(line)
+        size += len(line)
+    if doc:
+        yield "".join(doc)
 
 
 def _one_json_value(path: Path) -> bool:
