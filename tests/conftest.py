@@ -45,6 +45,17 @@ from distributed_helper import run_distributed  # noqa: E402,F401  (for the test
 from lmforge.config import compose  # noqa: E402  (the typed config lmforge-train builds)
 
 
+@pytest.fixture(autouse=True)
+def _environ_per_test():
+    """Each test starts from the session's environment: a rendezvous set up in a test
+    process (MASTER_PORT, RANK, ...) must not reach a later test's training subprocess,
+    whose store would then find that port taken."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def tiny_cfg():
     return compose(TINY)

@@ -143,7 +143,7 @@ def test_renaming_a_mixture_source_still_resumes() -> None:
     from lmforge.trainer import Trainer
 
     def guard(sources: str) -> dict:
-        return Trainer.guard(SimpleNamespace(cfg=compose(["data=mixture", sources])))
+        return Trainer.guard(SimpleNamespace(cfg=compose(["data=mixture", sources]), summary={}))
 
     assert guard("data.sources=[{path: a.jsonl}]") == \
         guard("data.sources=[{name: a, path: a.jsonl}]")

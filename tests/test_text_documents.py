@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 
-from conftest import TINY, compose, random_texts, read_metrics, train_in_process
+from conftest import TINY, compose, random_texts, read_metrics, run_distributed, train_runs
 from lmforge.config import ConfigError, DataConfig
 from lmforge.data.loader import BlockLoader
 from lmforge.data.sources import is_validation, iter_documents, iter_examples, load_stream
@@ -167,10 +167,12 @@ def test_a_run_on_one_text_file_evaluates(tmp_path: Path) -> None:
     common = [*TINY, "data=files", f"data.paths=[{corpus}]", "trainer.max_steps=2",
               "trainer.log_every=1", "trainer.eval_every=2", "tokenizer.vocab_size=300",
               "trainer.sample_tokens=0"]
-    train_in_process(tmp_path / "run", *common)
+    # In a process of its own: a training leaves its rendezvous in the process.
+    ((_, lines),) = run_distributed(train_runs, 1, [(tmp_path / "run", common),
+                                                    (tmp_path / "whole",
+                                                     [*common, "data.text_split=file"])])
     assert "val_loss" in read_metrics(tmp_path / "run")[-1]
     # As one document it has no validation split: one line says so, and how to get one.
-    lines = train_in_process(tmp_path / "whole", *common, "data.text_split=file")
     said = [ln for ln in lines if "no evaluation" in ln]
     assert len(said) == 1 and "raise data.val_percent" in said[0], lines
     assert "holds 0 document(s)" in said[0] and "data.text_split=paragraph" in said[0]

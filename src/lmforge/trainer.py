@@ -33,6 +33,16 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
+def text_documents(summary: dict[str, Any]) -> dict[str, Any]:
+    """How plain-text files became documents (which the data position counts), as
+    resolved; recorded only where files are split, so that a checkpoint from before
+    data.text_split (a document per file) is refused under paragraphs."""
+    corpus = summary.get("corpus", {})
+    if "text_split" not in corpus:
+        return {}
+    return {"data.text_split": corpus["text_split"], "data.doc_max_chars": corpus["doc_max_chars"]}
+
+
 class Health:
     """Non-finite steps counted on the device, so that a quiet step waits on nothing: read
     (with any stop flags, one all-reduce and one copy) only at check points."""
@@ -192,17 +202,7 @@ class Trainer:
             {"files": list(d.paths), "hub": d.hub_name, "shards": d.shards_dir}.get(d.source)
         return {"parallel.zero_stage": self.cfg.parallel.zero_stage,
                 "precision.dtype": self.cfg.precision.dtype, "data.seq_len": d.seq_len,
-                "data.source": d.source, "data.sources": sources, **self._text_documents()}
-
-    def _text_documents(self) -> dict[str, Any]:
-        """How plain-text files became documents (which the data position counts), as
-        resolved; recorded only where files are split, so that a checkpoint from before
-        data.text_split (a document per file) is refused under paragraphs."""
-        corpus = self.summary.get("corpus", {})
-        if "text_split" not in corpus:
-            return {}
-        return {"data.text_split": corpus["text_split"],
-                "data.doc_max_chars": corpus["doc_max_chars"]}
+                "data.source": d.source, "data.sources": sources, **text_documents(self.summary)}
 
     def save(self) -> None:
         if self.saved_step == self.step:
