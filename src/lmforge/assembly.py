@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from lmforge import distributed
 from lmforge.config import (ConfigError, DataConfig, TrainConfig, pad_vocab, resolve_grad_accum,
                             single_source, source_names, writing)
-from lmforge.data.loader import BlockLoader
+from lmforge.data.loader import BlockLoader, reader_scheme
 from lmforge.data.shards import ShardLoader, ShardSet, read_manifest
 from lmforge.data.sources import iter_documents, load_stream
 from lmforge.data.tokenizer import (kind_for, load_tokenizer, save_tokenizer, special_ids,
@@ -141,9 +141,18 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, corpus: Corp
     """Training loader (read by data.num_workers processes) and validation loader."""
     t, d, arch = cfg.trainer, cfg.data, cfg.model.arch
     if not corpus.shards:
+        mixture = corpus.info.get("source") == "mixture"
         train, val = (BlockLoader(corpus.stream, tok, arch, d, t.micro_batch_size, info.rank,
-                                  info.world_size, t.seed, split=split)
+                                  info.world_size, t.seed, split=split,
+                                  assign_files=not mixture)
                       for split in ("train", "validation"))
+        scheme, why = reader_scheme(corpus.stream.n_shards,
+                                    info.world_size * max(1, d.num_workers), not mixture)
+        if info.is_main:
+            log.info("on-the-fly training data: %s (%s)", {
+                "files": "each reader reads only its own files",
+                "documents": "every reader streams the corpus and keeps its share of documents",
+            }[scheme], why)
         return WorkerLoader(train, d.num_workers), val
     check_shards(corpus, tok, arch)
     return WorkerLoader(shard_loader(cfg, info, tok, d, corpus, "train"), d.num_workers), \

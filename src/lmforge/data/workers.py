@@ -66,13 +66,15 @@ class WorkerLoader:
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Unusable documents seen so far, by reason (every reader sees every document)."""
+        """Unusable documents this rank's readers saw so far, by reason: the sum over readers
+        that read their own files, the most of any where every reader sees every document."""
         if self.num_workers == 0 or not self.states:
             return dict(getattr(self.loader, "skipped", {}))
         out: dict[str, int] = {}
         for st in filter(None, self.states):
+            combine = (lambda a, b: a + b) if st.get("scheme") == "files" else max
             for k, v in st.get("skipped", {}).items():
-                out[k] = max(out.get(k, 0), v)
+                out[k] = combine(out.get(k, 0), v)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -90,6 +92,10 @@ class WorkerLoader:
                 raise ConfigError(f"the checkpoint's data position was saved with "
                                   f"data.num_workers={state['num_workers']}; on-the-fly data "
                                   "resumes only with the same value (data=shards: with any)")
+            if hasattr(self.loader, "check_state"):  # here: a worker's error reads as a traceback
+                for w, st in enumerate(state["states"]):
+                    if st is not None:
+                        self.loader.for_worker(w, self.num_workers).check_state(st)
             self.states, self.served = state["states"], state["served"]
             return
         if self.num_workers and not self.layout_free:
