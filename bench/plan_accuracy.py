@@ -150,19 +150,10 @@ def make_tokenizer(size: dict, work: Path) -> Path:
 
 def cpu_peaks(reps: int) -> dict[str, float]:
     """One core's matmul peak now (best of `reps`, one thread), per dtype."""
-    out, before = {}, torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    for dtype, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(1024, 1024, dtype=tdt), torch.randn(1024, 1024, dtype=tdt)
-        a @ b
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        out[dtype] = 2 * 1024**3 / best / 1e12
-    torch.set_num_threads(before)
-    return out
+    from lmforge.metrics import matmul_tflops
+
+    return {dtype: matmul_tflops(tdt, 1024, reps, THREADS)
+            for dtype, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
 
 def planned(args: list[str], ranks: int, peak: float, mfu: float | None = None

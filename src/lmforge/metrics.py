@@ -106,19 +106,11 @@ def _peak_key(dtype: torch.dtype, threads: int | None = None) -> str:
            f"{threads or torch.get_num_threads()}|{torch.__version__}|{dtype}"
 
 
-def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8,
-                            threads: int | None = None) -> float:
-    """Best matmul TFLOP/s of this CPU for `dtype` with `threads` threads (default: torch's
-    current number), measured once and cached on disk."""
-    threads = threads or torch.get_num_threads()
-    key = _peak_key(dtype, threads)
-    path = _cache_path()
-    cache = _read_cache(path)
-    value = cache.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6:
-        return float(value)
+def matmul_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8,
+                  threads: int | None = None) -> float:
+    """Best TFLOP/s of `reps` n x n matmuls now, with `threads` threads (uncached)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or before)
     try:
         g = torch.Generator().manual_seed(0)  # the run's RNG stream stays untouched
         a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
@@ -130,7 +122,21 @@ def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8,
             best = min(best, time.perf_counter() - t)
     finally:
         torch.set_num_threads(before)
-    cache[key] = 2 * n**3 / max(best, 1e-9) / 1e12
+    return 2 * n**3 / max(best, 1e-9) / 1e12
+
+
+def measure_cpu_peak_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 8,
+                            threads: int | None = None) -> float:
+    """Best matmul TFLOP/s of this CPU for `dtype` with `threads` threads (default: torch's
+    current number), measured once and cached on disk."""
+    threads = threads or torch.get_num_threads()
+    key = _peak_key(dtype, threads)
+    path = _cache_path()
+    cache = _read_cache(path)
+    value = cache.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6:
+        return float(value)
+    cache[key] = matmul_tflops(dtype, n, reps, threads)
     _write_cache(path, cache)
     return cache[key]
 
