@@ -45,15 +45,20 @@ from distributed_helper import run_distributed  # noqa: E402,F401  (for the test
 from lmforge.config import compose  # noqa: E402  (the typed config lmforge-train builds)
 
 
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+              "LOCAL_WORLD_SIZE")
+
+
 @pytest.fixture(autouse=True)
-def _environ_per_test():
-    """Each test starts from the session's environment: a rendezvous set up in a test
-    process (MASTER_PORT, RANK, ...) must not reach a later test's training subprocess,
-    whose store would then find that port taken."""
-    saved = dict(os.environ)
+def _no_rendezvous_left_behind():
+    """A rendezvous a test sets up in its own process (MASTER_PORT, RANK, ...) is dropped
+    after it: a later test's training subprocess would inherit the port, and find it taken.
+    (A module fixture's, set before its tests, stays.)"""
+    before = {k: os.environ.get(k) for k in RENDEZVOUS}
     yield
-    os.environ.clear()
-    os.environ.update(saved)
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
 
 
 @pytest.fixture
