@@ -138,6 +138,12 @@ def main() -> None:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:  # a CPU bf16 number holds only for CPUs with the same bf16 matmul support
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        cpu += " (" + (", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
+                       or "no bf16 matmul instructions") + ")"
+    except (OSError, StopIteration):
+        pass
     for r in range(a.rounds):  # interleaved: each round runs every cell once
         for tool, dtype, comp in cells:
             key = f"{tool} {dtype} {'compiled' if comp else 'eager'}"
