@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import compose
 from lmforge.config import ModelConfig
 from lmforge.metrics import (PEAK_TFLOPS, Throughput, flops_per_token, head_fraction,
-                             measure_cpu_peak_tflops, peak_tflops)
+                             measure_cpu_peak_tflops, model_state_gb, peak_tflops)
 from lmforge.models import build_model
 from lmforge.report import write_report
 
@@ -107,6 +107,27 @@ def test_peak_table_matches_device_names(monkeypatch, name: str, key: str) -> No
     for dtype in ("bf16", "fp32"):
         assert peak_tflops(cuda, dtype) == PEAK_TFLOPS[key][dtype]
     assert peak_tflops(cuda, "bf16", override=123.0) == 123.0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_model_state_gb_is_the_plans_model_states(stage: int, dtype: str) -> None:
+    """The summary's model-state figure agrees with lmforge-plan's per-rank parameters,
+    gradients and optimizer (which tests/test_plan.py holds against DeepSpeed's own)."""
+    from lmforge.config import compose
+    from lmforge.engine import ds_config
+    from lmforge.plan import configured, memory, shape_of
+
+    cfg = compose(["model.vocab_size=512", f"parallel=zero{stage}", f"precision={dtype}"])
+    t = cfg.trainer
+    ds = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size, 1, 1)
+    shape = shape_of(cfg, ds["zero_optimization"])
+    for world in (1, 4):
+        m = memory(shape, configured(cfg, world), world, touched_only=False)
+        persist = 2 if dtype == "bf16" else 4
+        persist *= shape.zero3_persistent() if stage == 3 and world > 1 else 0
+        want = (m["params"] - persist + m["grads"] + m["optimizer"]) / 2**30
+        assert model_state_gb(shape.n_params, dtype, stage, world) == pytest.approx(want)
 
 
 def test_unknown_gpu_gives_zero_peak(monkeypatch) -> None:

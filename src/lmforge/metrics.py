@@ -89,8 +89,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: bool = False,
 
 
 def model_state_gb(n_params: int, dtype: str, stage: int, world: int) -> float:
-    """Model states per rank (ZeRO paper, Adam): weights, grads and optimizer bytes/param."""
-    w, g, o = (4, 4, 8) if dtype == "fp32" else (2, 2, 12)
+    """Model states per rank (ZeRO paper, Adam): weights, gradients, and the optimizer's
+    moments plus fp32 masters, which DeepSpeed keeps for bf16/fp16 and ZeRO 1-3 clone even
+    in fp32 (only plain fp32 ZeRO-0 updates the parameters themselves)."""
+    w = g = 4 if dtype == "fp32" else 2
+    o = 8 if dtype == "fp32" and stage == 0 else 12
     o /= world if stage >= 1 else 1
     g /= world if stage >= 2 else 1
     w /= world if stage >= 3 else 1
