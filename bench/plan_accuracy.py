@@ -104,12 +104,10 @@ def worker(mode: str, run_dir: str, out: str, args: list[str]) -> None:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory. Not ru_maxrss: Linux carries it over fork and
-    exec, so a worker would start at its parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / GB
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    """This process's peak resident memory (VmHWM: ru_maxrss would start at the parent's)."""
+    from lmforge.metrics import peak_rss_bytes
+
+    return peak_rss_bytes() / GB
 
 
 def launch(mode: str, ranks: int, run_dir: Path, args: list[str],

@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -194,7 +195,21 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"mem_alloc_gb": torch.cuda.max_memory_allocated(device) / 2**30,
                 "mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
-    return {"mem_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"mem_rss_gb": peak_rss_bytes() / 2**30}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM, which (unlike ru_maxrss, carried
+    over fork and exec) starts at this process; ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, kB elsewhere
 
 
 class Throughput:
