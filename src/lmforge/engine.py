@@ -287,6 +287,16 @@ class Engine:
             # a small model's CPU step for nothing.
             self.engine.enable_backward_allreduce = False
         self.device = device
+        if self._norm_not_tracked():
+            clip = self.engine.clip_fp32_gradients
+
+            def clip_unless_skipped() -> None:
+                # A skipped step has dropped every gradient; DeepSpeed's clip would index
+                # the (empty) list of parameters with one.
+                if not getattr(self.optimizer, "overflow", False):
+                    clip()
+
+            self.engine.clip_fp32_gradients = clip_unless_skipped
         if compile_blocks:
             compile_each_block(self.engine.module)
 
