@@ -197,3 +197,26 @@ def test_missing_files_are_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
     with pytest.raises(ConfigError, match="mixes formats"):
         load_stream(cfg.data)
+
+
+def test_wordpiece_training_gives_the_same_ids_every_time(tmp_path: Path) -> None:
+    """The WordPiece trainer numbers its vocabulary in hash-map order, a different one in
+    every process: lmforge reassigns the ids, so the same corpus gives the same file."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lmforge.data.sources import embedded_corpus_files; "
+            "from lmforge.data.tokenizer import train_tokenizer, save_tokenizer; "
+            "texts = [f.read_text(errors='replace') for f in embedded_corpus_files()[:60]]; "
+            "save_tokenizer(train_tokenizer(iter(texts), 'wordpiece', 800, 500_000), sys.argv[1])")
+    files = [tmp_path / f"wp{i}.json" for i in range(3)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True, timeout=120)
+    texts = {f.read_text() for f in files}
+    assert len(texts) == 1
+    tok = load_tokenizer(files[0])
+    assert [tok.token_to_id(t) for t in SPECIALS["wordpiece"].values()] == \
+        list(range(len(SPECIALS["wordpiece"])))
+    # The post-processor's [CLS]/[SEP] ids are the vocabulary's.
+    enc = tok.encode("def f(x): return x")
+    assert enc.ids[0] == tok.token_to_id("[CLS]") and enc.ids[-1] == tok.token_to_id("[SEP]")

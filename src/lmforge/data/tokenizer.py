@@ -2,6 +2,7 @@
 bounded sample of the corpus, or loaded from any tokenizer.json."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -96,7 +97,22 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int,
         raise ConfigError(f"no usable document to train the tokenizer on{why}; check "
                           "data.paths, data.format and data.text_field")
     # A freshly trained Tokenizer encodes ~2x slower than a reloaded one.
-    return Tokenizer.from_str(tok.to_str())
+    text = tok.to_str() if kind == "bpe" else _canonical_wordpiece(tok.to_str(), specials)
+    return Tokenizer.from_str(text)
+
+
+def _canonical_wordpiece(text: str, specials: list[str]) -> str:
+    """The WordPiece trainer numbers the same vocabulary differently from run to run (its
+    alphabet comes out of a hash map); WordPiece encodes by longest match, whatever the ids,
+    so ids are reassigned in a fixed order: specials, then by length and text."""
+    spec = json.loads(text)
+    vocab = spec["model"]["vocab"]
+    rest = sorted((t for t in vocab if t not in specials),
+                  key=lambda t: (len(t.removeprefix("##")), t.startswith("##"), t))
+    spec["model"]["vocab"] = {t: i for i, t in enumerate([*specials, *rest])}
+    for added in spec.get("added_tokens", []):
+        added["id"] = specials.index(added["content"])
+    return json.dumps(spec, ensure_ascii=False)
 
 
 PIECE_CHARS = 1 << 18  # long documents are encoded in pieces of at most this many characters
