@@ -312,6 +312,7 @@ class Resume:
     regrid: bool
     universal: bool
     by: str  # "<ckpt> was written by N ranks", for messages
+    saved_world: int  # N
 
 
 def _step_of(ckpt: Path) -> int:
@@ -393,4 +394,4 @@ def choose_resume(ckpt_dir: Path, resume_from: str | None, start_fresh: bool, in
     if regrid and saved_stage not in (None, zero_stage):
         raise ConfigError(f"{by} at ZeRO-{saved_stage}; with another number of ranks "
                           f"resume it at the same stage (parallel=zero{saved_stage})")
-    return Resume(ckpt, state, regrid, regrid and partitioned(ckpt), by)
+    return Resume(ckpt, state, regrid, regrid and partitioned(ckpt), by, saved)

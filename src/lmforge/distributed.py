@@ -174,8 +174,8 @@ class Watchdog:
     def _exit_for_reported_failure(self) -> None:
         for r in range(self.world):
             if r != self.rank and self.store.check([f"error/{r}"]):
-                code, _, msg = self.store.get(f"error/{r}").decode().partition("|")
-                self._exit(msg, int(code) if int(code) == 2 else EXIT_PEER)
+                # The failed rank exits with its own code; its peers stop because of it.
+                self._exit(self.store.get(f"error/{r}").decode().partition("|")[2], EXIT_PEER)
 
     def _exit(self, msg: str, code: int) -> None:
         if not self._stop.is_set():

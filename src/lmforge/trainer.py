@@ -178,9 +178,9 @@ class Trainer:
             try:
                 to_universal(r.ckpt, universal)
             except RuntimeError as e:
-                saved = checkpoint.saved_world_size(r.ckpt)
-                raise ConfigError(f"{r.by} at ZeRO-{stage}: {e}; resume it with {saved} "
-                                  f"rank{'s' * (saved != 1)}") from None
+                n = r.saved_world
+                raise ConfigError(f"{r.by} at ZeRO-{stage}: {e}; resume it with {n} "
+                                  f"rank{'s' * (n != 1)}") from None
             log.info("%s at ZeRO-%d, this run has %d: converted to a DeepSpeed universal "
                      "checkpoint in %.1fs", r.by, stage, self.info.world_size,
                      time.perf_counter() - t0)
