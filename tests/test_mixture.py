@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, random_corpus, read_metrics, run_train
-from lmforge.config import DataConfig, SourceConfig
+from lmforge.config import ConfigError, DataConfig, SourceConfig
 from lmforge.data.shards import ShardLoader, ShardSet
 from lmforge.data.sources import iter_documents, load_stream
 from lmforge.data.tokenizer import load_tokenizer, special_ids
@@ -117,3 +117,17 @@ def test_training_on_a_shard_mixture(two: Path, tmp_path: Path) -> None:
     assert "val_loss" in read_metrics(tmp_path)[-1]
     # Each source's own validation loss, named after its directory.
     assert {"val/a_loss", "val/b_loss"} <= set(read_metrics(tmp_path)[-1])
+
+
+def test_a_source_without_a_usable_document_is_refused(tmp_path: Path) -> None:
+    """Its share would silently go to the other sources: one line instead, naming it."""
+    good = random_corpus(tmp_path / "good.jsonl", 20, seed=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"body": f"text {i}"}) + "\n" for i in range(5)))
+    cfg = DataConfig(source="mixture", sources=[SourceConfig(path=str(good)),
+                                                SourceConfig(path=str(bad))])
+    with pytest.raises(ConfigError) as e:
+        load_stream(cfg)
+    assert str(e.value) == (f"data.sources[1] ({bad}) has no usable document (5 skipped: "
+                            "{'no_text_field': 5}); check its path(s), format and text_field")
+    load_stream(DataConfig(source="mixture", sources=[SourceConfig(path=str(good))] * 2))

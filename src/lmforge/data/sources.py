@@ -121,6 +121,9 @@ def load_stream(cfg: DataConfig, seed: int = 0) -> tuple[datasets.IterableDatase
             cfg, source=src.kind, paths=src.files, format=src.format,
             text_field=src.text_field, hub_name=src.hub_name, hub_config=src.hub_config,
             hub_split=src.hub_split, sources=[])) for src in cfg.sources]
+        for i, ((part, _), src) in enumerate(zip(parts, cfg.sources)):
+            _check_usable(part, f"data.sources[{i}] "
+                                f"({src.hub_name or src.path or ', '.join(src.paths)})")
         total = sum(src.weight for src in cfg.sources)
         weights = [src.weight / total for src in cfg.sources]
         ds = datasets.interleave_datasets([p.select_columns(["text"]) for p, _ in parts],
@@ -131,6 +134,19 @@ def load_stream(cfg: DataConfig, seed: int = 0) -> tuple[datasets.IterableDatase
     if field != "text":
         ds = ds.rename_column(field, "text")
     return ds, info
+
+
+def _check_usable(ds: datasets.IterableDataset, where: str) -> None:
+    """Refuse a mixture source without one usable document: the others would fill its share
+    of the mixture unnoticed. Reads up to its first usable document."""
+    skipped: Counter = Counter()
+    for ex in iter_examples(ds):
+        reason = skip_reason(ex)
+        if reason is None:
+            return
+        skipped[reason] += 1
+    raise ConfigError(f"{where} has no usable document ({sum(skipped.values())} skipped: "
+                      f"{dict(skipped)}); check its path(s), format and text_field")
 
 
 def _first_line(e: BaseException) -> str:
