@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lmforge.distributed import free_port, teardown
+from lmforge.distributed import exit_process, free_port, teardown
 
 # What a launcher would give each rank on this CPU-only machine. One intra-op thread: two
 # ranks share 2 cores, and two threads each are many times slower under load.
@@ -100,6 +100,9 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, env: dict[str, st
     teardown()  # as lmforge-train ends: whatever lmforge started beside the group, then it
     with open(Path(out) / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(result, f)
+    # As lmforge-train ends, past C++ static destructors: a finished rank was seen to abort
+    # there (SIGABRT) once its process group was gone, failing a test that had passed.
+    exit_process(0)
 
 
 def _running(procs: list) -> list:

@@ -45,6 +45,13 @@ def deepspeed():
     if ours:  # as before: no process group, and DeepSpeed's comm backend forgotten
         torch.distributed.destroy_process_group()
         importlib.import_module("deepspeed.comm.comm").cdb = None
+        # DeepSpeed caches groups of the destroyed process group: the next module's (this
+        # fixture is also test_plan's) would hand DeepSpeed a group torch no longer knows.
+        groups = importlib.import_module("deepspeed.utils.groups")
+        for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
+                     "_TENSOR_MODEL_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+                     "mesh_device", "mpu"):
+            setattr(groups, name, None)
 
 
 def _engine(deepspeed, dtype: str = "fp32", grad_clip: float = 1.0, scale_power: int = 16):
