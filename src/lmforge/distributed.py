@@ -316,9 +316,15 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag true on every rank when it is true on any (one tiny all-reduce per call)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return list(flags)
-    t = torch.tensor([int(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return [bool(v) for v in max_over_ranks(torch.tensor([int(f) for f in flags],
+                                                         device=device)).tolist()]
+
+
+def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t`, in place, as its elementwise maximum over the ranks (a collective, no host read)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from lmforge import checkpoint, distributed
@@ -51,7 +50,6 @@ class Health:
         zero = functools.partial(torch.zeros, (), dtype=torch.int32, device=device)
         self.streak, self.worst, self.total = zero(), zero(), zero()
         self.fp16, self.read_at = dtype == "fp16", 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
 
     def update(self, loss: torch.Tensor, applied: bool) -> None:
         """One step's loss (this rank's) and whether the engine applied its update."""
@@ -59,8 +57,7 @@ class Health:
         # fp16 overflow skips are loss scaling at work, not a broken run.
         if not (applied or self.fp16):
             bad = torch.ones_like(bad)
-        if self.world > 1:  # every rank counts the same steps (a collective, not a sync)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = distributed.max_over_ranks(bad)  # every rank counts the same steps
         self.streak = (self.streak + 1) * bad
         self.worst = torch.maximum(self.worst, self.streak)
         self.total += bad
@@ -70,10 +67,8 @@ class Health:
         t = torch.cat([torch.stack([self.streak, self.worst, self.total]),
                        torch.tensor([int(f) for f in flags], dtype=torch.int32,
                                     device=self.streak.device)])
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         self.worst = self.streak.clone()
-        return t.tolist()
+        return distributed.max_over_ranks(t).tolist()
 
 
 class StopSignals:
