@@ -16,12 +16,11 @@ import torch
 
 from lmforge.config import (ConfigError, ModelConfig, TrainConfig, compose, one_line,
                             resolve_grad_accum, run_dir)
-from lmforge.metrics import (DEVICE_MEMORY_GB, MEMORY_BW_GB_S, PEAK_TFLOPS, flops_per_token,
-                             gpu_kind, head_fraction, measure_cpu_peak_tflops)
+from lmforge.metrics import (DEVICE_MEMORY_GB, MEMORY_BW_GB_S, PEAK_TFLOPS, TORCH_DTYPES,
+                             flops_per_token, gpu_kind, head_fraction, measure_cpu_peak_tflops)
 from lmforge.models.layers import ff_dim, kv_heads
 
 GB = 2**30
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Compute MFU measured with lmforge by bench/plan_accuracy.py: the calibration model (GPT
 # 6L/d384, seq 256, micro batch 8, one process of one thread, ZeRO-0), its step in CPU time
 # less the optimizer's modelled time, against one core's measured matmul peak, on a 2-core
