@@ -7,6 +7,7 @@ when to remove them; tests/test_upstream.py fails when the upstream fix lands.""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -71,7 +72,9 @@ def ds_config(parallel: ParallelConfig, precision: PrecisionConfig, optim: Optim
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision.dtype == "bf16"},
+        # lmforge skips a non-finite bf16 step on the device (Engine: the fused AdamW's
+        # found_inf); DeepSpeed's own check reads every gradient partition back to the host.
+        "bf16": {"enabled": precision.dtype == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": precision.dtype == "fp16", "loss_scale": 0,
                  "initial_scale_power": precision.initial_scale_power,
                  "loss_scale_window": precision.loss_scale_window,
@@ -250,6 +253,38 @@ def compile_each_block(model: nn.Module) -> None:
         block.compile()
 
 
+# True while an Engine that guards its update on the device steps (see Engine._guarded).
+_GUARD_ON_DEVICE = contextvars.ContextVar("lmforge_guard_on_device", default=False)
+
+
+def _defer_norm_checks_to_the_device() -> None:
+    """DeepSpeed's ZeRO optimizers decide whether to skip a step on the host
+    (`is_invalid_grad_norm`: bool() of the device norm, a sync every step). While an Engine
+    that guards on the device steps, that check answers "valid" without reading: the norm's
+    found_inf flag makes the fused AdamW leave weights and moments as they were, on the
+    device. Everywhere else (fp16's loss scaling, other engines) DeepSpeed's check runs."""
+    from deepspeed.runtime import utils
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    check = utils.is_invalid_grad_norm
+    if getattr(stage3.is_invalid_grad_norm, "lmforge", False):
+        return
+
+    def is_invalid_grad_norm(norm: Any) -> bool:
+        if torch.is_tensor(norm) and _GUARD_ON_DEVICE.get():
+            return False
+        return check(norm)
+
+    is_invalid_grad_norm.lmforge = True  # type: ignore[attr-defined]
+    stage3.is_invalid_grad_norm = stage_1_and_2.is_invalid_grad_norm = is_invalid_grad_norm
+
+
+def not_finite(norm: torch.Tensor) -> torch.Tensor:
+    """1.0 where `norm` is inf/NaN (or DeepSpeed's -1 sentinel for one), else 0.0: the float
+    found_inf flag a fused torch optimizer skips its update on, without a host read."""
+    return (~torch.isfinite(norm) | (norm < 0)).float()
+
+
 class Engine:
     """A DeepSpeed engine plus what the trainer asks of it: a step over micro-batches,
     the gradient norm, the learning rate, save and load."""
@@ -287,16 +322,19 @@ class Engine:
             # a small model's CPU step for nothing.
             self.engine.enable_backward_allreduce = False
         self.device = device
-        if self._norm_not_tracked():
-            clip = self.engine.clip_fp32_gradients
-
-            def clip_unless_skipped() -> None:
-                # A skipped step has dropped every gradient; DeepSpeed's clip would index
-                # the (empty) list of parameters with one.
-                if not getattr(self.optimizer, "overflow", False):
-                    clip()
-
-            self.engine.clip_fp32_gradients = clip_unless_skipped
+        # A non-finite step is skipped on the device, with no host read, by the fused AdamW
+        # (found_inf) in fp32 and in bf16 with ZeRO 1-3. fp16 keeps DeepSpeed's host check
+        # (its loss scaler must know), and so does bf16 at ZeRO-0 (DeepSpeed's BF16_Optimizer
+        # checks every tensor; the GPU recipes use ZeRO-1/2).
+        self._adamw = opt
+        self._guarded = precision.dtype == "fp32" or (precision.dtype == "bf16" and self.stage > 0)
+        if self._guarded and self.stage > 0:
+            _defer_norm_checks_to_the_device()
+            zero = self.optimizer
+            # DeepSpeed computes the global norm (all ranks) before it steps AdamW.
+            opt.register_step_pre_hook(lambda o, args, kwargs: setattr(
+                o, "found_inf", None if zero._global_grad_norm is None
+                else not_finite(torch.as_tensor(zero._global_grad_norm))))
         if compile_blocks:
             compile_each_block(self.engine.module)
 
@@ -308,9 +346,9 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]
-                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step over `grad_accum_steps` micro-batches: (mean loss, grad norm,
-        applied). Loss and norm stay on the device; a non-finite gradient skips the update."""
+        applied). All three stay on the device; a non-finite gradient skips the update."""
         self.engine.train()
         total = torch.zeros((), device=self.device)
         grad_norm = None
@@ -321,27 +359,31 @@ class Engine:
             self.engine.backward(loss.float() * scale if self._scale_loss else loss)
             if self.engine.is_gradient_accumulation_boundary() and self._norm_not_tracked():
                 grad_norm = self._plain_fp32_norm_and_guard()
-            self.engine.step()
+            token = _GUARD_ON_DEVICE.set(self._guarded)
+            try:
+                self.engine.step()
+            finally:
+                _GUARD_ON_DEVICE.reset(token)
             total += loss.detach().float()
         if grad_norm is None:
             # FP16_UnfusedOptimizer reports the norm of the still-scaled gradients. No `or`
             # on the norm: truth-testing a device tensor would wait for the GPU.
             norm = self.engine.get_global_grad_norm()
             grad_norm = torch.as_tensor(0.0 if norm is None else norm).float() / scale
-        return total / len(micro_batches), grad_norm, self.engine.skipped_steps == skipped_before
+        if self._guarded:
+            applied = not_finite(grad_norm) == 0
+        else:  # DeepSpeed decided on the host
+            applied = torch.tensor(self.engine.skipped_steps == skipped_before,
+                                   device=self.device)
+        return total / len(micro_batches), grad_norm, applied
 
     def _plain_fp32_norm_and_guard(self) -> torch.Tensor:
         """DeepSpeed's plain fp32 path neither records the norm nor skips non-finite grads
-        (its ZeRO, bf16 and fp16 optimizers do): compute the norm, and on inf/NaN drop the
-        grads and raise the `overflow` flag DeepSpeed reads, so it counts a skipped step and
-        holds the LR schedule."""
-        params = [p for p in self.engine.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        overflow = not torch.isfinite(norm).item()
-        if overflow:
-            for p in params:
-                p.grad = None
-        self.optimizer.overflow = overflow
+        (its ZeRO, bf16 and fp16 optimizers do): compute the norm, and have the fused AdamW
+        skip the update (and its step count) on the device when it is not finite."""
+        norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in self.engine.module.parameters() if p.grad is not None])
+        self._adamw.found_inf = not_finite(norm)
         return norm
 
     def _norm_not_tracked(self) -> bool:

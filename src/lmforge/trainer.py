@@ -51,12 +51,14 @@ class Health:
         self.streak, self.worst, self.total = zero(), zero(), zero()
         self.fp16, self.read_at = dtype == "fp16", 0
 
-    def update(self, loss: torch.Tensor, applied: bool) -> None:
-        """One step's loss (this rank's) and whether the engine applied its update."""
-        bad = (~torch.isfinite(loss.detach())).int()
+    def update(self, loss: torch.Tensor, applied: torch.Tensor) -> None:
+        """One step's loss (this rank's) and whether the engine applied its update (both on
+        the device)."""
+        bad = ~torch.isfinite(loss.detach())
         # fp16 overflow skips are loss scaling at work, not a broken run.
-        if not (applied or self.fp16):
-            bad = torch.ones_like(bad)
+        if not self.fp16:
+            bad = bad | ~applied
+        bad = bad.int()
         bad = distributed.max_over_ranks(bad)  # every rank counts the same steps
         self.streak = (self.streak + 1) * bad
         self.worst = torch.maximum(self.worst, self.streak)
