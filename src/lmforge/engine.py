@@ -53,6 +53,17 @@ def zero_tuning(stage: int, d_model: int) -> dict[str, Any]:
     return out
 
 
+def guards_on_device(parallel: ParallelConfig, precision: PrecisionConfig) -> bool:
+    """Whether a non-finite step is skipped on the device, with no host read (Engine): the
+    fused AdamW is given the global norm's found_inf, in fp32 and in bf16 with ZeRO 1-3.
+    DeepSpeed's host check stays for fp16 (its loss scaler must know), bf16 at ZeRO-0
+    (DeepSpeed's unfused BF16 path checks every tensor) and an offloaded optimizer (AdamW
+    then steps on the CPU, which would read a flag still being copied from the GPU)."""
+    if parallel.offload_optimizer:
+        return False
+    return precision.dtype == "fp32" or (precision.dtype == "bf16" and parallel.zero_stage > 0)
+
+
 def ds_config(parallel: ParallelConfig, precision: PrecisionConfig, optim: OptimConfig,
               micro_batch_size: int, grad_accum_steps: int, world_size: int,
               on_gpu: bool = False, d_model: int = 0) -> dict[str, Any]:
@@ -72,9 +83,10 @@ def ds_config(parallel: ParallelConfig, precision: PrecisionConfig, optim: Optim
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        # lmforge skips a non-finite bf16 step on the device (Engine: the fused AdamW's
-        # found_inf); DeepSpeed's own check reads every gradient partition back to the host.
-        "bf16": {"enabled": precision.dtype == "bf16", "check_grad_overflow": False},
+        # Where lmforge skips a non-finite step on the device (guards_on_device), DeepSpeed's
+        # own check, which reads every gradient partition back to the host, is off.
+        "bf16": {"enabled": precision.dtype == "bf16",
+                 "check_grad_overflow": not guards_on_device(parallel, precision)},
         "fp16": {"enabled": precision.dtype == "fp16", "loss_scale": 0,
                  "initial_scale_power": precision.initial_scale_power,
                  "loss_scale_window": precision.loss_scale_window,
@@ -322,12 +334,8 @@ class Engine:
             # a small model's CPU step for nothing.
             self.engine.enable_backward_allreduce = False
         self.device = device
-        # A non-finite step is skipped on the device, with no host read, by the fused AdamW
-        # (found_inf) in fp32 and in bf16 with ZeRO 1-3. fp16 keeps DeepSpeed's host check
-        # (its loss scaler must know), and so does bf16 at ZeRO-0 (DeepSpeed's BF16_Optimizer
-        # checks every tensor; the GPU recipes use ZeRO-1/2).
         self._adamw = opt
-        self._guarded = precision.dtype == "fp32" or (precision.dtype == "bf16" and self.stage > 0)
+        self._guarded = guards_on_device(parallel, precision)
         if self._guarded and self.stage > 0:
             _defer_norm_checks_to_the_device()
             zero = self.optimizer
