@@ -116,6 +116,7 @@ def plan(quick: bool, device: str) -> list[tuple[str, list[str]]]:
     return [("gpt2_124m bf16 zero1", [*gpt, "parallel=zero1"]),
             ("gpt2_124m bf16 zero2", [*gpt, "parallel=zero2"]),
             ("gpt2_124m bf16 zero2 eager", [*gpt, "parallel=zero2", "trainer.compile=false"]),
+            ("gpt2_124m bf16 zero3", [*gpt, "parallel=zero3"]),
             ("gpt2_124m bf16 zero3 eager", [*gpt, "parallel=zero3", "trainer.compile=false"]),
             ("gpt2_124m bf16 zero2 vocab 50257", [*gpt, "model.vocab_size=50257"]),
             ("gpt2_350m bf16 zero2", [*gpt, "model=gpt2_350m", "trainer.micro_batch_size=8"]),

@@ -624,12 +624,6 @@ def validate(cfg: Any) -> None:
            "parallel.offload_params needs parallel.zero_stage=3")
     _check(not p.offload_optimizer or p.zero_stage >= 1,
            "parallel.offload_optimizer needs parallel.zero_stage >= 1")
-    # Measured: DeepSpeed 0.19's ZeRO-3 gather/release hooks run inside every block, and
-    # torch.compile traces them, recompiling until its limit and then running eager.
-    _check(not (cfg.trainer.compile and p.zero_stage == 3),
-           "trainer.compile=true does not work with parallel.zero_stage=3 (DeepSpeed's ZeRO-3 "
-           "hooks inside each block defeat torch.compile): use zero_stage 1 or 2, or "
-           "trainer.compile=false")
     for key in ("bandwidth_gb_s", "target_tokens", "device_memory_gb", "mfu"):
         value = getattr(cfg.plan, key)
         _check(value is None or value > 0, f"plan.{key}={value} must be > 0 (or null)")

@@ -248,10 +248,11 @@ def to_universal(ckpt: Path, out: Path) -> None:
 
 
 def compile_each_block(model: nn.Module) -> None:
-    """torch.compile every transformer block in place, as torchtitan does: each block is
-    one graph (norms, attention, MLP and their elementwise ops fused) reused by all layers,
-    and what happens between blocks (ZeRO-3's gathers, activation checkpointing) stays
-    eager. In place (nn.Module.compile), so parameter names and checkpoints are unchanged.
+    """torch.compile every transformer block, as torchtitan does: each block is one graph
+    (norms, attention, MLP and their elementwise ops fused) reused by all layers, and what
+    happens between blocks (ZeRO-3's gathers, activation checkpointing) stays eager. The
+    block's forward is compiled, not its module call: the module's hooks (ZeRO-3's gather and
+    release) run eager around the graph, and parameter names and checkpoints are unchanged.
     Compiled after DeepSpeed has set the module up, on its final device and dtype."""
     if next(model.parameters()).device.type == "cpu":
         from torch._inductor.cpp_builder import get_cpp_compiler
@@ -262,7 +263,19 @@ def compile_each_block(model: nn.Module) -> None:
             raise ConfigError(f"trainer.compile=true on CPU needs a C++ compiler (g++ or "
                               f"clang++; set CXX to one): {e}") from e
     for block in model.blocks:
-        block.compile()
+        block.forward = torch.compile(block.forward)
+
+
+def whole_blocks_for_zero3(model: nn.Module) -> None:
+    """ZeRO-3 gathers each block's parameters at once, in the block's own hook, instead of
+    one submodule at a time: the compiled block then holds no hook inside it (with them,
+    dynamo breaks the graph at each submodule and recompiles on DeepSpeed's state). The
+    same losses as per-submodule gathering; a block's parameters are live together (what
+    the prefetch of the next layer holds anyway). Before deepspeed.initialize registers
+    the hooks."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, list({type(b) for b in model.blocks}))
 
 
 # True while an Engine that guards its update on the device steps (see Engine._guarded).
@@ -317,6 +330,8 @@ class Engine:
                                 betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, max_steps))
         init_distributed(device)
+        if compile_blocks and parallel.zero_stage == 3:
+            whole_blocks_for_zero3(model)
         with ds_config_errors():
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=opt, lr_scheduler=sched, config=self.config)
