@@ -638,4 +638,9 @@ def test_long_runs_are_cut_and_bounded() -> None:
     runs = [p for p in pieces if p.strip() and set(p) <= {"A", "b"}]
     assert max(map(len, runs)) == RUN_CHARS  # no pre-token longer than this
     assert sum(map(len, runs)) == RUN_BUDGET  # the rest of this document's runs left out
+    budget = [RUN_BUDGET]  # one training: the documents share it
+    half = "A" * (RUN_BUDGET // 2 + RUN_CHARS)
+    kept = [sum(len(p) for p in training_pieces(half, budget) if p.startswith("A"))
+            for _ in range(3)]
+    assert kept == [len(half), RUN_BUDGET - len(half), 0] and budget == [0]
     assert training_pieces("short words only\n" * 1000) == ["short words only\n" * 1000]

@@ -30,24 +30,28 @@ def kind_for(arch: str, kind: str = "auto") -> str:
 # The BPE trainer's work per merge grows with the length of the words holding the pair: a
 # 20 MB whitespace-free "word" (minified code, base64, a genome) took it > 500 s. Runs of
 # non-whitespace longer than RUN_CHARS (the stdlib's longest is ~140) reach the trainer cut
-# into RUN_CHARS pieces, at most RUN_BUDGET characters of them per document; text without
-# such runs reaches it unchanged (so the default tokenizer is what it always was).
+# into RUN_CHARS pieces, at most RUN_BUDGET characters of them in all (a file of one 20 MB
+# run is 2,000 documents of 10,000 characters: a budget per document took 20 s per
+# tokenizer); text without such runs reaches it unchanged (so the default tokenizer is
+# what it always was).
 RUN_CHARS = 1000
 RUN_BUDGET = 1 << 20
 # Python's str whitespace includes \x1c-\x1f, which neither pre-tokenizer splits on.
 _LONG_RUN = re.compile(r"(?<![\S\x1c-\x1f])[\S\x1c-\x1f]{%d,}" % (RUN_CHARS + 1))
 
 
-def training_pieces(text: str) -> list[str]:
+def training_pieces(text: str, budget: list[int] | None = None) -> list[str]:
     """`text` as the tokenizer trainer sees it: whole, unless it has whitespace-free runs
-    longer than RUN_CHARS, which are cut into RUN_CHARS pieces (at most RUN_BUDGET
-    characters of them; the rest of such runs is left out)."""
-    out, start, budget = [], 0, RUN_BUDGET
+    longer than RUN_CHARS, which are cut into RUN_CHARS pieces; `budget` ([characters left],
+    shared by the documents of one training; RUN_BUDGET when not given) bounds how many
+    characters of such runs are kept, the rest is left out."""
+    budget = [RUN_BUDGET] if budget is None else budget
+    out, start = [], 0
     for m in _LONG_RUN.finditer(text):  # the look-behind: matches start where runs start
         out.append(text[start:m.start()])
-        run = text[m.start():m.start() + min(m.end() - m.start(), budget)]
+        run = text[m.start():m.start() + min(m.end() - m.start(), budget[0])]
         out += [run[i:i + RUN_CHARS] for i in range(0, len(run), RUN_CHARS)]
-        budget -= len(run)
+        budget[0] -= len(run)
         start = m.end()
     if start == 0:
         return [text]
@@ -56,10 +60,10 @@ def training_pieces(text: str) -> list[str]:
 
 
 def _bounded(texts: Iterable[str], max_chars: int, counted: list[int]) -> Iterator[str]:
-    seen = 0
+    seen, budget = 0, [RUN_BUDGET]
     for t in texts:
         counted[0] += 1
-        yield from training_pieces(t[: max_chars - seen])
+        yield from training_pieces(t[: max_chars - seen], budget)
         seen += len(t)
         if seen >= max_chars:
             return
