@@ -1,8 +1,9 @@
 """One script for a lent GPU (H100/H200): what the machine has, which SDPA kernel each model
 family gets, and short lmforge-train runs (gpt2_124m bf16 at ZeRO-1/2/3, trainer.compile on
 and off, vocab 50257 vs 50304, llama_1b and bert_base steps, a SIGUSR1 + resume + export
-from a GPU-written checkpoint), printed as one table and written as JSON. Everything runs
-from what the machine already has (no network).
+from a GPU-written checkpoint, and the host-device syncs of each quiet step (CUDA's sync debug
+mode; on CPU the host reads of tensor values)), printed as one table and written as JSON.
+Everything runs from what the machine already has (no network).
 
   python bench/gpu_check.py                # on the GPU machine, ~6 min
   python bench/gpu_check.py --quick        # tiny models on this machine's device (CPU here)
@@ -87,6 +88,72 @@ def train(run: Path, overrides: list[str], timeout: float) -> dict:
             "error": proc.stderr.strip().splitlines()[-1] if proc.returncode else None}
 
 
+# lmforge-train in this process, counting per step (from the start of one train_step to the
+# next) the synchronizing CUDA operations torch reports in sync debug mode, or on CPU the
+# host reads of tensor values (aten::_local_scalar_dense: .item(), float(), bool()).
+SYNC_PROBE = """
+import json, sys, warnings, torch
+from lmforge import engine, train
+from lmforge.distributed import exit_process
+
+steps, cuda = [], torch.cuda.is_available()
+step = engine.Engine.train_step
+def marked(self, micro):
+    steps.append(0)
+    return step(self, micro)
+engine.Engine.train_step = marked
+if cuda:
+    shown = warnings.showwarning
+    def count(message, *a, **k):
+        if "synchronizing" in str(message) and steps:
+            steps[-1] += 1
+        else:
+            shown(message, *a, **k)
+    warnings.showwarning = count
+    warnings.simplefilter("always")
+    torch.cuda.set_sync_debug_mode("warn")
+    probe = None
+else:
+    from torch.utils._python_dispatch import TorchDispatchMode
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and steps:
+                steps[-1] += 1
+            return func(*args, **(kwargs or {}))
+    probe = Reads()
+sys.argv = ["lmforge-train", *sys.argv[1:]]
+try:
+    if probe is None:
+        train.main()
+    else:
+        with probe:
+            train.main()
+except SystemExit as e:
+    if e.code:
+        raise
+print("SYNCS " + json.dumps({"per_step": steps, "kind": "cuda" if cuda else "cpu reads"}),
+      flush=True)
+exit_process(0)
+"""
+QUIET = ["trainer.max_steps=12", "trainer.log_every=6", "trainer.check_every=6",
+         "trainer.eval_every=0", "trainer.save_every=0", "trainer.save_every_min=0"]
+
+
+def syncs_per_quiet_step(run: Path, overrides: list[str]) -> dict:
+    """12 steps logging and checking at steps 6 and 12: the syncs of each quiet step (3-5,
+    7-11; steps 1-2 warm up). lmforge's target is 0."""
+    cmd = [sys.executable, "-c", SYNC_PROBE, f"hydra.run.dir={run}", *COMMON, *overrides,
+           *QUIET]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("SYNCS ")), None)
+    if proc.returncode or line is None:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    seen = json.loads(line[len("SYNCS "):])
+    quiet = [n for i, n in enumerate(seen["per_step"], 1) if i not in (1, 2, 6, 12)]
+    return {"kind": seen["kind"], "quiet_steps": quiet, "max": max(quiet),
+            "per_step": seen["per_step"]}
+
+
 def preempt_resume_export(run: Path, overrides: list[str], out: Path) -> dict:
     """SIGUSR1 mid-run -> exit 75; the re-run resumes; lmforge-export of what it wrote."""
     cmd = [sys.executable, "-m", "lmforge.train", f"hydra.run.dir={run}", *COMMON, *overrides]
@@ -126,6 +193,17 @@ def plan(quick: bool, device: str) -> list[tuple[str, list[str]]]:
                                       "tokenizer.train_max_chars=20000000"])]
 
 
+def sync_plan(quick: bool, base: list[str]) -> list[tuple[str, list[str]]]:
+    """The recipe at ZeRO-1 and ZeRO-3 in bf16 (eager: the count is the same compiled), and
+    the default job's fp32 ZeRO-0."""
+    if quick:
+        return [("zero1 " + ("bf16" if "precision=bf16" in base else "fp32"), base)]
+    eager = [*base, "trainer.compile=false", "trainer.max_steps=12"]
+    return [("gpt2_124m bf16 zero1", [*eager, "parallel=zero1"]),
+            ("gpt2_124m bf16 zero3", [*eager, "parallel=zero3"]),
+            ("gpt2_124m fp32 zero0", [*eager, "parallel=zero0", "precision=fp32"])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -150,6 +228,11 @@ def main() -> None:
               + (f"  ({r['error']})" if r["error"] else ""), flush=True)
     first = next(iter(runs.values()))
     base = next(iter(plan(a.quick, device)))[1]
+    syncs = {}
+    for name, overrides in sync_plan(a.quick, base):
+        syncs[name] = s = syncs_per_quiet_step(work / f"syncs_{name.replace(' ', '_')}", overrides)
+        print(f"syncs per quiet step, {name}: " + (f"{s['quiet_steps']} ({s['kind']})"
+                                                   if "error" not in s else s["error"]), flush=True)
     pre = preempt_resume_export(work / "preempt", [*base, f"trainer.max_steps={12 if a.quick else 200}"],
                                 work / "export")
     print(f"SIGUSR1 -> exit {pre['signal_exit']}, re-run resumed {pre['resumed']} "
@@ -161,7 +244,8 @@ def main() -> None:
     out = a.out or (work / "gpu_check.json" if a.quick else RESULTS)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"quick": a.quick, "environment": env, "sdpa": kernels,
-                               "runs": runs, "preempt_resume_export": pre}, indent=2) + "\n")
+                               "runs": runs, "syncs_per_quiet_step": syncs,
+                               "preempt_resume_export": pre}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -62,3 +62,13 @@ def test_quick(script: str):
     for line in lines:
         assert all(math.isfinite(r) and r > 0 for r in ratios(line)), \
             f"{script}: a ratio that is not finite and positive in {line!r}"
+    if script == "gpu_check.py":  # its probe of host syncs finds none in 8 quiet steps
+        assert re.search(r"syncs per quiet step, [^:]+: \[0(, 0){7}\] \(cpu reads\)", out), out
+        assert "SIGUSR1 -> exit 75, re-run resumed True (exit 0), export exit 0" in out, out
+
+
+def test_the_gpu_check_wrapper_runs_the_script(tmp_path: Path) -> None:
+    """bench/gpu_check.sh (what a lent GPU machine runs) reaches gpu_check.py's arguments."""
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stderr
