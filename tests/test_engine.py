@@ -102,18 +102,21 @@ def test_the_generated_config_never_syncs_for_timers_and_is_tuned_on_gpus() -> N
 
 @pytest.mark.parametrize("parallel,dtype,on_device", [
     ("zero0", "fp32", True), ("zero1", "bf16", True), ("zero3", "bf16", True),
-    ("zero0", "bf16", False), ("zero2", "fp16", False), ("zero3_offload", "bf16", False)])
+    ("zero0", "bf16", False), ("zero2", "fp16", False), ("zero3_offload", "bf16", False),
+    ("zero1", "bf16|+parallel.ds_extra={zero_optimization: {compute_grad_norm: false}}", False)])
 def test_deepspeeds_host_overflow_check_is_off_only_where_lmforge_guards_on_device(
         parallel: str, dtype: str, on_device: bool) -> None:
     from lmforge.engine import guards_on_device
 
-    cfg = compose([f"parallel={parallel}", f"precision={dtype}"])
+    dtype, *extra = dtype.split("|")
+    cfg = compose([f"parallel={parallel}", f"precision={dtype}", *extra])
     assert guards_on_device(cfg.parallel, cfg.precision) is on_device
-    d = _ds(f"parallel={parallel}", f"precision={dtype}")
+    d = _ds(f"parallel={parallel}", f"precision={dtype}", *extra)
     assert d["bf16"]["check_grad_overflow"] is not on_device
-    again = _ds(f"parallel={parallel}", f"precision={dtype}",
-                "+parallel.ds_extra={bf16: {check_grad_overflow: true}}")
-    assert again["bf16"]["check_grad_overflow"] is True  # ds_extra still wins
+    if not extra:
+        again = _ds(f"parallel={parallel}", f"precision={dtype}",
+                    "+parallel.ds_extra={bf16: {check_grad_overflow: true}}")
+        assert again["bf16"]["check_grad_overflow"] is True  # ds_extra still wins
 
 
 def test_ds_extra_may_not_contradict_the_typed_keys() -> None:

@@ -61,6 +61,8 @@ def guards_on_device(parallel: ParallelConfig, precision: PrecisionConfig) -> bo
     then steps on the CPU, which would read a flag still being copied from the GPU)."""
     if parallel.offload_optimizer:
         return False
+    if dict(parallel.ds_extra).get("zero_optimization", {}).get("compute_grad_norm") is False:
+        return False  # no norm to decide on: DeepSpeed's own choice stands
     return precision.dtype == "fp32" or (precision.dtype == "bf16" and parallel.zero_stage > 0)
 
 
