@@ -129,6 +129,27 @@ def test_deepspeed_unfused_fp16_optimizer_reports_the_scaled_grad_norm(deepspeed
         "the division of the grad norm by the loss scale in engine.py:Engine.train_step")
 
 
+def test_deepspeed_unfused_optimizer_steps_once_when_built(deepspeed) -> None:
+    """DeepSpeed's unfused optimizer (bf16 at ZeRO-0) runs one optimizer step on zero
+    gradients in its constructor: AdamW's step count is 1 and weight decay has shrunk the
+    fp32 master weights before any training."""
+    from lmforge.config import OptimConfig, ParallelConfig, PrecisionConfig
+    from lmforge.engine import ds_config
+
+    config = ds_config(ParallelConfig(), PrecisionConfig(dtype="bf16"), OptimConfig(),
+                       micro_batch_size=1, grad_accum_steps=1, world_size=1)
+    model = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.5)
+    _, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=adamw, config=config)
+    steps = [float(s["step"]) for s in adamw.state.values()]
+    master = optimizer.fp32_groups[0][0]
+    assert steps == [1.0] and torch.allclose(master, torch.full_like(master, 0.5)), fixed(
+        f"the unfused optimizer's step at construction (AdamW steps {steps}, master "
+        f"{master.tolist()})", "engine.py:Engine._undo_construction_step")
+
+
 def test_deepspeed_plain_fp32_step_has_no_norm_and_no_overflow_guard(deepspeed) -> None:
     """At ZeRO-0 in fp32, DeepSpeed clips the gradients but keeps no norm
     (get_global_grad_norm() is None), and applies an update from inf/NaN gradients instead

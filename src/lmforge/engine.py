@@ -346,6 +346,8 @@ class Engine:
         from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
         self._scale_loss = isinstance(self.optimizer, FP16_UnfusedOptimizer)
+        if isinstance(self.optimizer, FP16_UnfusedOptimizer):
+            self._undo_construction_step(opt)
         if world_size == 1 and self.stage == 0:
             # DeepSpeed flattens and all-reduces gradients even over a group of one: ~25% of
             # a small model's CPU step for nothing.
@@ -362,6 +364,21 @@ class Engine:
                 else not_finite(torch.as_tensor(zero._global_grad_norm))))
         if compile_blocks:
             compile_each_block(self.engine.module)
+
+    def _undo_construction_step(self, adamw: torch.optim.Optimizer) -> None:
+        """Workaround (DeepSpeed 0.19, fp16/unfused_optimizer.py initialize_optimizer_states):
+        DeepSpeed's unfused optimizer (bf16 and fp16 at ZeRO-0) steps AdamW once on zero
+        gradients when it is built: weight decay hits the fp32 master weights and AdamW's
+        step count starts at 1, so the first real update is ~26% too small (bias correction
+        of step 2). The masters are copied again from the 16-bit weights they were made
+        from, and the counts set to 0 (the moments are still zero). A resumed run loads its
+        own state afterwards. Remove when tests/test_upstream.py says DeepSpeed fixed it."""
+        with torch.no_grad():
+            for low, high in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups):
+                for lp, hp in zip(low, high):
+                    hp.copy_(lp.float())
+        for state in adamw.state.values():
+            state["step"].zero_()
 
     @property
     def module(self) -> nn.Module:
