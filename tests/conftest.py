@@ -108,6 +108,23 @@ def train_in_process(run_dir: Path, *overrides: str) -> list[str]:
     return lines
 
 
+def tiny_engine(*overrides: str):
+    """(Engine, its config) for a 2-layer, vocab-512 TINY GPT on this process's rank of a world
+    of one (inside run_distributed), built as lmforge-train builds it, seeded 0."""
+    import torch
+
+    from lmforge.engine import Engine, create_model, ds_config
+    from lmforge.models import build_model
+
+    cfg = compose([*TINY, "model.vocab_size=512", "model.n_layers=2", *overrides])
+    t = cfg.trainer
+    ds = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size, 1, 1)
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    model = create_model(lambda: build_model(cfg.model), ds, cfg.parallel, cpu)
+    return Engine(model, ds, cfg.optim, cfg.parallel, cfg.precision, 10, 1, cpu), cfg
+
+
 def train_runs(rank: int, world_size: int, runs: list[tuple[Path, list[str]]]) -> list[list[str]]:
     """`run_distributed` target: train each (run dir, overrides) in turn, in one world;
     each run's log lines on this rank."""

@@ -118,21 +118,13 @@ def _first_steps(rank: int, world: int) -> dict[str, list[float]]:
     AdamW step counts and master-vs-weight gap right after set-up."""
     import torch
 
-    from conftest import TINY, compose
-    from lmforge.engine import Engine, create_model, ds_config
-    from lmforge.models import build_model
+    from conftest import tiny_engine
 
     out: dict[str, list[float]] = {}
     for stage in (0, 1):
-        cfg = compose([*TINY, "model.vocab_size=512", "model.n_layers=2",
-                       f"parallel=zero{stage}", "precision=bf16", "optim.warmup_steps=1"])
+        engine, cfg = tiny_engine(f"parallel=zero{stage}", "precision=bf16",
+                                  "optim.warmup_steps=1")
         t = cfg.trainer
-        ds = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size, 1, 1)
-        torch.manual_seed(0)
-        model = create_model(lambda: build_model(cfg.model), ds, cfg.parallel,
-                             torch.device("cpu"))
-        engine = Engine(model, ds, cfg.optim, cfg.parallel, cfg.precision, 10, 1,
-                        torch.device("cpu"))
         if stage == 0:
             opt = engine.optimizer
             out["steps at set-up"] = [float(s["step"]) for s in engine._adamw.state.values()]

@@ -114,9 +114,8 @@ def _nonfinite_steps(rank: int, world: int) -> dict[str, tuple]:
     gained over both)."""
     import torch
 
-    from conftest import compose
-    from lmforge.engine import Engine, create_model, ds_config
-    from lmforge.models import build_model
+    from conftest import tiny_engine
+    from lmforge.engine import Engine
 
     def adam_steps(engine: Engine) -> torch.Tensor:
         return torch.stack([st["step"] for st in engine._adamw.state.values()])
@@ -124,15 +123,8 @@ def _nonfinite_steps(rank: int, world: int) -> dict[str, tuple]:
     out = {}
     for parallel in ("zero0", "zero1", "zero2", "zero3", "zero3_offload"):
         for dtype in ("fp32", "bf16"):
-            cfg = compose([*TINY, "model.vocab_size=512", "model.n_layers=2",
-                           f"parallel={parallel}", f"precision={dtype}"])
+            engine, cfg = tiny_engine(f"parallel={parallel}", f"precision={dtype}")
             t = cfg.trainer
-            ds = ds_config(cfg.parallel, cfg.precision, cfg.optim, t.micro_batch_size, 1, 1)
-            torch.manual_seed(0)
-            model = create_model(lambda: build_model(cfg.model), ds, cfg.parallel,
-                                 torch.device("cpu"))
-            engine = Engine(model, ds, cfg.optim, cfg.parallel, cfg.precision, 10, 1,
-                            torch.device("cpu"))
             ids = torch.randint(512, (t.micro_batch_size, cfg.data.seq_len))
             batch = {"input_ids": ids, "labels": ids}
             engine.train_step([batch])  # one good step: optimizer state exists
