@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -131,3 +132,21 @@ def test_a_source_without_a_usable_document_is_refused(tmp_path: Path) -> None:
     assert str(e.value) == (f"data.sources[1] ({bad}) has no usable document (5 skipped: "
                             "{'no_text_field': 5}); check its path(s), format and text_field")
     load_stream(DataConfig(source="mixture", sources=[SourceConfig(path=str(good))] * 2))
+
+
+def test_a_mixture_counts_each_skip_by_its_reason(tmp_path: Path) -> None:
+    """A JSON Lines source's unusable lines are counted by reason (not all as "empty"),
+    also beside a hub dataset (a local dataset directory), whose rows carry no reason."""
+    lines = ['{"text": "one good line"}', '{"body": "no text field"}', "not json",
+             '{"text": "two good lines"}']
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("".join(json.dumps({"text": f"hub row {i}"}) + "\n"
+                                             for i in range(3)))
+    cfg = DataConfig(source="mixture", sources=[
+        SourceConfig(path=str(tmp_path / "a.jsonl")), SourceConfig(hub_name=str(hub))])
+    skipped: Counter[str] = Counter()
+    docs = [t for _, t in iter_documents(load_stream(cfg)[0], "train", 0.0, skipped=skipped)]
+    assert dict(skipped) == {"no_text_field": 1, "bad_json": 1}
+    assert {"one good line", "two good lines", "hub row 0", "hub row 2"} <= set(docs)

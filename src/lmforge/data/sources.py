@@ -126,7 +126,7 @@ def load_stream(cfg: DataConfig, seed: int = 0) -> tuple[datasets.IterableDatase
                                 f"({src.hub_name or src.path or ', '.join(src.paths)})")
         total = sum(src.weight for src in cfg.sources)
         weights = [src.weight / total for src in cfg.sources]
-        ds = datasets.interleave_datasets([p.select_columns(["text"]) for p, _ in parts],
+        ds = datasets.interleave_datasets([_text_and_skip(p) for p, _ in parts],
                                           probabilities=weights, seed=seed,
                                           stopping_strategy="all_exhausted")
         return ds, {"source": "mixture", "weights": weights, "parts": [i for _, i in parts]}
@@ -134,6 +134,14 @@ def load_stream(cfg: DataConfig, seed: int = 0) -> tuple[datasets.IterableDatase
     if field != "text":
         ds = ds.rename_column(field, "text")
     return ds, info
+
+
+def _text_and_skip(ds: datasets.IterableDataset) -> datasets.IterableDataset:
+    """A mixture part with the same two columns as every other: the text, and why it has
+    none (JSON lines and files say; a hub dataset's rows never do)."""
+    if ds.column_names is not None and "skip" not in ds.column_names:
+        ds = ds.map(lambda ex: {"skip": None})
+    return ds.select_columns(["text", "skip"])
 
 
 def _check_usable(ds: datasets.IterableDataset, where: str) -> None:
