@@ -113,3 +113,16 @@ def test_stream_position_needs_the_same_number_of_workers(corpus: Path) -> None:
     with pytest.raises(ConfigError, match="data.num_workers=0"):
         WorkerLoader(block_loader(corpus), num_workers=2).load_state_dict(
             block_loader(corpus).state_dict())
+
+
+def test_batches_for_a_gpu_come_pinned(monkeypatch) -> None:
+    """For a CUDA device every batch is page-locked before the trainer's non_blocking copy
+    (this CPU-only torch cannot pin: the call is recorded instead)."""
+    pinned: list[torch.Size] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda self: pinned.append(self.shape) or self.clone())
+    batches = [{"input_ids": torch.zeros(2, 4), "labels": torch.ones(2, 4)}] * 2
+    for pin in (False, True):
+        got = next(WorkerLoader(iter(batches), 0, pin_memory=pin))
+        assert torch.equal(got["labels"], batches[0]["labels"])
+    assert pinned == [torch.Size([2, 4])] * 2  # both tensors of the pinned loader's batch

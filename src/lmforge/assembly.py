@@ -140,6 +140,7 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, corpus: Corp
                   ) -> tuple[WorkerLoader, Any]:
     """Training loader (read by data.num_workers processes) and validation loader."""
     t, d, arch = cfg.trainer, cfg.data, cfg.model.arch
+    pin = info.device.type == "cuda"  # asynchronous host-to-GPU copies of the batches
     if not corpus.shards:
         mixture = corpus.info.get("source") == "mixture"
         train, val = (BlockLoader(corpus.stream, tok, arch, d, t.micro_batch_size, info.rank,
@@ -153,9 +154,10 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, corpus: Corp
                 "files": "each reader reads only its own files",
                 "documents": "every reader streams the corpus and keeps its share of documents",
             }[scheme], why)
-        return WorkerLoader(train, d.num_workers), val
+        return WorkerLoader(train, d.num_workers, pin_memory=pin), val
     check_shards(corpus, tok, arch)
-    return WorkerLoader(shard_loader(cfg, info, tok, d, corpus, "train"), d.num_workers), \
+    return WorkerLoader(shard_loader(cfg, info, tok, d, corpus, "train"), d.num_workers,
+                        pin_memory=pin), \
         shard_loader(cfg, info, tok, d, corpus, "validation")
 
 

@@ -38,10 +38,15 @@ class _WorkerShare(IterableDataset):
 class WorkerLoader:
     """`loader` (BlockLoader or ShardLoader) read by `num_workers` processes; 0 = in this
     process. state_dict() is exact either way; shards need no per-worker state (their
-    position is one global sample count), so their resume also works with another W."""
+    position is one global sample count), so their resume also works with another W.
+    `pin_memory` (for a CUDA device): batches come in page-locked memory, so the trainer's
+    non_blocking copy to the GPU is asynchronous (from pageable memory the host waits for
+    it); with workers, DataLoader's thread pins the next batches while the step runs."""
 
-    def __init__(self, loader: Any, num_workers: int, prefetch: int = 4) -> None:
+    def __init__(self, loader: Any, num_workers: int, prefetch: int = 4,
+                 pin_memory: bool = False) -> None:
         self.loader, self.num_workers, self.prefetch = loader, num_workers, prefetch
+        self.pin_memory = pin_memory
         self.states: list | None = None
         self.served = 0
         self._it: Iterator | None = None
@@ -52,11 +57,13 @@ class WorkerLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self.num_workers == 0:
-            return next(self.loader)
+            batch = next(self.loader)
+            return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
         if self._it is None:
             share = _WorkerShare(self.loader, self.num_workers, self.states, self.served)
             self._it = iter(DataLoader(share, batch_size=None, num_workers=self.num_workers,
                                        prefetch_factor=self.prefetch,
+                                       pin_memory=self.pin_memory,
                                        worker_init_fn=_ignore_stop_signals))
             self.states = self.states or [None] * self.num_workers
         w, batch, state = next(self._it)
