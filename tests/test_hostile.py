@@ -217,6 +217,11 @@ for key, value, fix in [
     case(f"config-{key}", refused=(f"{key}={value}", fix))(config(f"{key}={value}"))
 
 
+case("config-ds_extra-section-not-a-mapping",
+     refused=("parallel.ds_extra.zero_optimization=5", "must be a mapping"))(
+    config("+parallel.ds_extra={zero_optimization: 5}"))
+
+
 @case("config-through-the-cli", refused=("lmforge-train: config error", "optim.beta1=1.5",
                                          "[0, 1)"))
 def _(ctx: Ctx) -> Seen:

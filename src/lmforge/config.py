@@ -624,6 +624,11 @@ def validate(cfg: Any) -> None:
            "parallel.offload_params needs parallel.zero_stage=3")
     _check(not p.offload_optimizer or p.zero_stage >= 1,
            "parallel.offload_optimizer needs parallel.zero_stage >= 1")
+    for section in ("zero_optimization", "bf16", "fp16"):  # merged into lmforge's own
+        value = dict(p.ds_extra).get(section, {})
+        _check(isinstance(value, dict),
+               f"parallel.ds_extra.{section}={value!r} must be a mapping of DeepSpeed's "
+               f"{section} keys, e.g. {{{section}: {{key: value}}}}")
     for key in ("bandwidth_gb_s", "target_tokens", "device_memory_gb", "mfu"):
         value = getattr(cfg.plan, key)
         _check(value is None or value > 0, f"plan.{key}={value} must be > 0 (or null)")
