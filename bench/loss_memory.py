@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -71,7 +70,9 @@ def main() -> None:
           f"{abs(w['grad_sum'] - c['grad_sum']) / max(abs(w['grad_sum']), 1e-12):.1e}")
     out = a.out or (Path(tempfile.mkdtemp()) / "loss_memory.json" if a.quick else RESULTS)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": size, "cpu": platform.processor() or platform.machine(),
+    from lmforge.metrics import cpu_kind
+
+    out.write_text(json.dumps({"size": size, "cpu": cpu_kind(),
                                "quick": a.quick, **got}, indent=2) + "\n")
 
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import re
 import statistics
 import subprocess
@@ -132,18 +131,9 @@ def main() -> None:
              + [("lmforge", False), ("lmforge", True)]]
     times: dict[str, list[float]] = {f"{t} {d} {'compiled' if c else 'eager'}": []
                                      for t, d, c in cells}
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:  # a CPU bf16 number holds only for CPUs with the same bf16 matmul support
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-        cpu += " (" + (", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
-                       or "no bf16 matmul instructions") + ")"
-    except (OSError, StopIteration):
-        pass
+    from lmforge.metrics import cpu_kind
+
+    cpu = cpu_kind()
     for r in range(a.rounds):  # interleaved: each round runs every cell once
         for tool, dtype, comp in cells:
             key = f"{tool} {dtype} {'compiled' if comp else 'eager'}"

@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -280,6 +279,8 @@ def report(result: dict[str, Any], quick: bool) -> None:
 
 
 def main() -> None:
+    from lmforge.metrics import cpu_kind
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path)
@@ -298,7 +299,7 @@ def main() -> None:
         reps = 3 if a.quick else 20
         peaks = cpu_peaks(reps)
         result: dict[str, Any] = {
-            "cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg()[0],
+            "cpu": cpu_kind(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg()[0],
             "peaks": peaks, "table_mfu": MEASURED_MFU["cpu"], "activations": [], "runs": [],
             "calibration_mfu": {}}
         for dtype in ("fp32", "bf16"):  # what MEASURED_MFU holds, measured again now
@@ -320,15 +321,6 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}" + (" (a temporary file: quick mode)" if a.quick else ""))
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            flags = Path("/proc/cpuinfo").read_text()
-            extra = [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in flags]
-            return line.split(":", 1)[1].strip() + (f" ({', '.join(extra)})" if extra else "")
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -360,11 +359,13 @@ def report(results: dict[str, Any], wall_s: float, quick: bool = False) -> None:
 def write_json(results: dict[str, Any], peaks: dict[str, float], threads: int, wall_s: float,
                out: Path, quick: bool) -> None:
     """Results so far (rewritten after every model/dtype cell) with the run's conditions."""
+    from lmforge.metrics import cpu_kind
+
     import transformers
 
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": threads, "cpu": platform.processor() or platform.machine(),
+            "threads": threads, "cpu": cpu_kind(),
             "cpu_count": os.cpu_count(), "peak_tflops": peaks, "wall_s": round(wall_s, 1),
             "loadavg": os.getloadavg(), "python": sys.version.split()[0], "quick": quick}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

@@ -207,3 +207,18 @@ def test_report_writes_png_from_partial_rows(tmp_path: Path) -> None:
     out = write_report(jsonl, tmp_path / "plots" / "report.png")
     assert out == tmp_path / "plots" / "report.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_cpu_kind_names_the_model_and_its_bf16_support() -> None:
+    from pathlib import Path
+
+    from lmforge.metrics import cpu_kind
+
+    kind = cpu_kind()
+    info = Path("/proc/cpuinfo").read_text()
+    model = next(line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name"))
+    has = "avx512_bf16" in info.split()
+    assert kind.startswith(model) and (("avx512_bf16" in kind) == has), kind
+    assert kind.endswith(")") and ("no bf16 matmul instructions" in kind) != (
+        has or "amx_bf16" in info.split()), kind

@@ -101,6 +101,20 @@ def model_state_gb(n_params: int, dtype: str, stage: int, world: int) -> float:
     return n_params * (w + g + o) / 2**30
 
 
+def cpu_kind() -> str:
+    """This CPU's model name and its bf16 matmul instructions: a CPU bf16 number holds only
+    for CPUs with the same support."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), platform.machine())
+    flags = next((line.split() for line in info.splitlines() if line.startswith("flags")), [])
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({', '.join(bf16) or 'no bf16 matmul instructions'})"
+
+
 def _cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmforge" / "peak.json"
 
